@@ -1,0 +1,57 @@
+"""``adainfer-eval``: lm-eval's command line with ``adainfer`` registered, plus our commands.
+
+``adainfer-eval models ...`` and ``adainfer-eval data ...`` manage the offline cache; every
+other invocation is handed to lm-eval's own CLI unchanged (``run`` flags, ``ls tasks``,
+``validate``), with this repository's ``tasks/`` folder on the include path so the offline
+task configs are found. lm-eval reads no entry points, which is why this wrapper exists.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .errors import AdaInferError
+
+LM_EVAL_TASK_COMMANDS = {"run", "ls", "validate"}
+
+
+def _with_task_folder(argv: list[str]) -> list[str]:
+    from .offline_data import tasks_dir
+
+    if "--include_path" in argv or any(a.startswith("--include_path=") for a in argv):
+        return argv
+    command = argv[0] if argv and not argv[0].startswith("-") else None
+    if command is not None and command not in LM_EVAL_TASK_COMMANDS:
+        return argv
+    if command == "ls" and len(argv) == 1:
+        return argv
+    return [*argv, "--include_path", str(tasks_dir())]
+
+
+def _run_lm_eval(argv: list[str]) -> int:
+    from .offline_data import configure_offline_environment
+
+    configure_offline_environment()  # before lm-eval imports datasets
+    import adainfer_lmeval  # noqa: F401  (registers the model)
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv = ["adainfer-eval", *_with_task_folder(argv)]
+    cli_evaluate()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "models":
+            from .model_zoo import main as models_main
+
+            return models_main(argv[1:])
+        if argv and argv[0] == "data":
+            from .offline_data import main as data_main
+
+            return data_main(argv[1:])
+        return _run_lm_eval(argv)
+    except AdaInferError as error:
+        print(f"adainfer-eval: error: {error}", file=sys.stderr)
+        return 2

@@ -1,0 +1,149 @@
+"""The early-exit forward pass (AdaInfer): run decoder layers one at a time, let a policy stop.
+
+Knows nothing of lm-eval. Input is a right-padded batch of token rows; for each row, one
+*decision position* (the position whose prediction the policy judges) and the *scored
+positions* (decision position up to the row's end) whose logits the caller needs. After each
+layer the policy may stop a row: the row's scored logits then come from that layer (final
+norm + head applied to its hidden states) and the row leaves the batch, so no later layer
+runs for it. Rows that share a *group* (the answer choices of one question: same tokens up to
+the decision position) share one decision, read once off the group's first row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .architectures import DecoderStack
+from .features import compute_features
+from .policies import ExitPolicy
+
+
+@dataclass
+class ExitBatch:
+    input_ids: torch.Tensor  # [rows, T] long, right-padded
+    lengths: torch.Tensor  # [rows] real tokens per row
+    decision_positions: torch.Tensor  # [rows]; scored positions are decision .. length-1
+    groups: torch.Tensor  # [rows] group index 0..G-1; a group's rows share the decision
+
+    @classmethod
+    def from_rows(cls, rows: list[list[int]], decision_positions: list[int], groups: list[int] | None = None, pad_id: int = 0, device=None):
+        """Right-pad token lists into a batch (groups default to one row each)."""
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        groups = list(range(len(rows))) if groups is None else groups
+        as_tensor = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
+        return cls(ids.to(device), as_tensor([len(r) for r in rows]), as_tensor(decision_positions), as_tensor(groups))
+
+
+@dataclass
+class ExitResult:
+    exit_layers: list[int]  # per row: the layer whose hidden states gave its logits
+    logits: list[torch.Tensor]  # per row: [n_scored, vocab] exit logits at the scored positions
+    checks: list[int]  # per row: exit-head evaluations made for its group's decision
+
+
+class EarlyExitEngine:
+    def __init__(self, model, policy: ExitPolicy):
+        self.stack = DecoderStack(model)
+        self.policy = policy
+        policy.validate(self.stack.num_layers)
+
+    @property
+    def num_layers(self) -> int:
+        return self.stack.num_layers
+
+    @torch.no_grad()
+    def run(self, batch: ExitBatch) -> ExitResult:
+        stack, policy, num_layers = self.stack, self.policy, self.stack.num_layers
+        rows = batch.input_ids.shape[0]
+        lengths, decision = batch.lengths, batch.decision_positions
+        groups = batch.groups
+        n_groups = int(groups.max()) + 1
+        # The first row of each group speaks for the group.
+        first_row = torch.full((n_groups,), rows, dtype=torch.long, device=groups.device)
+        first_row.scatter_reduce_(0, groups, torch.arange(rows, device=groups.device), reduce="amin")
+
+        features = policy.features
+        history = torch.full(
+            (n_groups, num_layers + 1, len(features)), float("nan"), device=batch.input_ids.device
+        )
+        checks = torch.zeros(n_groups, dtype=torch.long)
+        previous_state = None  # decision-position hidden state of the last layer, for "cosine"
+
+        width = int(lengths.max())
+        hidden = stack.embed(batch.input_ids[:, :width])
+        active = torch.arange(rows, device=groups.device)  # batch row of each hidden row
+        inputs = stack.layer_inputs(hidden)
+        exit_layers = [num_layers] * rows
+        logits_out: list[torch.Tensor | None] = [None] * rows
+
+        for layer in range(1, num_layers):
+            hidden = stack.run_layer(layer - 1, hidden, inputs)
+            consult = policy.consults_at(layer, num_layers)
+            if not consult and "cosine" not in features:
+                continue
+            speaker_idx, speaker_groups = self._speakers(active, groups, first_row)
+            state = hidden[speaker_idx, decision[active[speaker_idx]]]
+            if not consult:
+                previous_state = self._remember(previous_state, state, speaker_groups, n_groups)
+                continue
+            if features:
+                prev = previous_state[speaker_groups] if previous_state is not None else None
+                feats = compute_features(features, stack.exit_logits(state), state, prev, layer, num_layers)
+                history[speaker_groups, layer] = feats.to(history.dtype)
+                checks[speaker_groups.cpu()] += 1
+            if "cosine" in features:
+                previous_state = self._remember(previous_state, state, speaker_groups, n_groups)
+            stop = policy.decide(layer, num_layers, history[speaker_groups, : layer + 1])
+            stopped = speaker_groups[stop.to(speaker_groups.device)]
+            if stopped.numel() == 0:
+                continue
+            leaving = torch.isin(groups[active], stopped)
+            self._emit(hidden[leaving], active[leaving], layer, batch, exit_layers, logits_out)
+            hidden, active = hidden[~leaving], active[~leaving]
+            if active.numel() == 0:
+                break
+            # Trailing padding that no remaining row needs is not computed any further.
+            width = int(lengths[active].max())
+            hidden = hidden[:, :width]
+            inputs = stack.layer_inputs(hidden)
+        else:
+            hidden = stack.run_layer(num_layers - 1, hidden, inputs)
+            self._emit(hidden, active, num_layers, batch, exit_layers, logits_out)
+
+        per_row_checks = checks[groups.cpu()].tolist()
+        return ExitResult(exit_layers, logits_out, per_row_checks)  # type: ignore[arg-type]
+
+    # ---- helpers ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _speakers(active, groups, first_row):
+        """Indices (into the active rows) of each active group's first row, and their groups."""
+        active_groups = groups[active]
+        is_speaker = first_row[active_groups] == active
+        idx = torch.nonzero(is_speaker, as_tuple=True)[0]
+        return idx, active_groups[idx]
+
+    @staticmethod
+    def _remember(previous, state, speaker_groups, n_groups):
+        if previous is None:
+            previous = state.new_zeros((n_groups, state.shape[-1]))
+        previous[speaker_groups] = state
+        return previous
+
+    def _emit(self, hidden, rows, layer, batch, exit_layers, logits_out):
+        """Exit logits at the scored positions of ``rows``, in one head call."""
+        if rows.numel() == 0:
+            return
+        spans = [(int(batch.decision_positions[r]), int(batch.lengths[r])) for r in rows.tolist()]
+        gathered = torch.cat([hidden[i, start:end] for i, (start, end) in enumerate(spans)])
+        logits = self.stack.exit_logits(gathered)
+        offset = 0
+        for r, (start, end) in zip(rows.tolist(), spans):
+            logits_out[r] = logits[offset : offset + end - start]
+            exit_layers[r] = layer
+            offset += end - start

@@ -1,0 +1,105 @@
+"""Exit statistics into lm-eval's results: per task, per group, and per logged sample.
+
+lm-eval has no hook for a backend to add its own per-task or per-sample data, so this module
+wraps ``lm_eval.evaluator.evaluate`` (the one function both the CLI and ``simple_evaluate``
+go through). After lm-eval has computed its metrics, the wrapper reads the ``exit`` record
+each response of an ``adainfer`` run carries and adds:
+
+- ``results["results"][task]``: ``layers_mean``, ``layers_saved_pct``, ``flops_saved_pct``
+  (so lm-eval's own table prints them beside the metrics);
+- ``results["adainfer"]``: the policy, the model's depth and, per task and group, requests,
+  mean layers, % layers and FLOPs saved and the exit-layer histogram;
+- each logged sample: ``exit_layers`` (one per request of the document).
+
+Runs of other backends pass through untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from .accounting import ExitRecord, summarize
+
+TABLE_KEYS = {"layers_mean": "mean_layers", "layers_saved_pct": "layers_saved_pct", "flops_saved_pct": "flops_saved_pct"}
+
+
+def _exit_of(response) -> ExitRecord | None:
+    return getattr(response, "exit", None)
+
+
+def _backend(lm):
+    # --use_cache wraps the model in CachingLM, which keeps the real one as .lm
+    return getattr(lm, "lm", lm)
+
+
+def attach_exit_statistics(results: dict, task_dict, lm) -> None:
+    from lm_eval.evaluator_utils import _handle_back_comp
+
+    # The same unpacking lm-eval's evaluate() does on its task_dict argument.
+    tasks = task_dict["tasks"] if "tasks" in task_dict else _handle_back_comp(task_dict)[1]
+    records: dict[str, list[ExitRecord]] = {}
+    for name, task in tasks.items():
+        records[name] = [
+            record
+            for instance in task.instances
+            for record in map(_exit_of, instance.resps)
+            if record is not None
+        ]
+
+    per_task = {name: summarize(found) for name, found in records.items() if found}
+    # Groups (e.g. mmlu): every request of every subtask below them.
+    for group, subtasks in results.get("group_subtasks", {}).items():
+        pooled = [r for name in _leaves(group, results["group_subtasks"]) for r in records.get(name, [])]
+        if pooled:
+            per_task[group] = summarize(pooled)
+
+    for name, summary in per_task.items():
+        row = results.get("results", {}).get(name)
+        if row is None:
+            continue
+        for key, source in TABLE_KEYS.items():
+            row[f"{key},none"] = summary[source]
+
+    backend = _backend(lm)
+    results["adainfer"] = {
+        "policy": backend.exit_policy.describe(),
+        "num_layers": backend.engine.num_layers,
+        "tasks": per_task,
+    }
+    if any(s.get("full_depth_generation") for s in per_task.values()):
+        results["adainfer"]["note"] = "generate_until ran at full depth: early exit applies to loglikelihood requests"
+
+    for samples in (results.get("samples") or {}).values():
+        for sample in samples:
+            layers = [
+                [r.layers for r in map(_exit_of, resps) if r is not None] for resps in sample.get("resps", [])
+            ]
+            sample["exit_layers"] = [x[0] if len(x) == 1 else x for x in layers]
+
+
+def _leaves(group: str, tree: dict) -> list[str]:
+    out = []
+    for child in tree.get(group, []):
+        out.extend(_leaves(child, tree) if child in tree else [child])
+    return out
+
+
+def install() -> None:
+    """Wrap lm-eval's ``evaluate`` once (idempotent)."""
+    from lm_eval import evaluator
+
+    if getattr(evaluator.evaluate, "_adainfer_wrapped", False):
+        return
+    original = evaluator.evaluate
+
+    @functools.wraps(original)
+    def evaluate(lm, task_dict, *args, **kwargs):
+        results = original(lm, task_dict, *args, **kwargs)
+        from .lm_backend import AdaInferLM
+
+        if results is not None and isinstance(_backend(lm), AdaInferLM):
+            attach_exit_statistics(results, task_dict, lm)
+        return results
+
+    evaluate._adainfer_wrapped = True
+    evaluator.evaluate = evaluate

@@ -1,0 +1,206 @@
+"""The ``adainfer`` lm-eval model: lm-eval's ``hf`` backend with an early-exit forward.
+
+A thin HFLM subclass (cf. lm-eval's ``hf_steered.py``): model loading, tokenisation,
+truncation, batching flags and generation stay HFLM's. Only the scoring of loglikelihood
+requests is replaced, so that each request runs through :class:`EarlyExitEngine` and the
+prompts and metrics stay exactly lm-eval's. Knows nothing of how policies decide.
+
+Each response carries an :class:`ExitRecord` (as an attribute, so lm-eval's metrics see the
+plain ``(logprob, is_greedy)`` / float / str they expect); :mod:`.exit_report` turns those
+into per-task figures in the results and per-sample exit layers in ``--log_samples``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from lm_eval import utils as lm_utils
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+from tqdm import tqdm
+
+from .accounting import CostModel, ExitRecord
+from .engine import EarlyExitEngine, ExitBatch
+from .errors import AdaInferError
+from .policies import build_policy, policy_arg_names
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class ScoredContinuation(tuple):
+    """``(logprob, is_greedy)`` as lm-eval expects, with the request's ``exit`` record."""
+
+    def __new__(cls, logprob: float, is_greedy: bool, exit: ExitRecord):
+        obj = super().__new__(cls, (logprob, is_greedy))
+        obj.exit = exit
+        return obj
+
+
+class ScoredFloat(float):
+    """A rolling loglikelihood, with the request's ``exit`` record."""
+
+    def __new__(cls, value: float, exit: ExitRecord):
+        obj = super().__new__(cls, value)
+        obj.exit = exit
+        return obj
+
+
+class GeneratedText(str):
+    """A generation, with the request's ``exit`` record."""
+
+    def __new__(cls, value: str, exit: ExitRecord):
+        obj = super().__new__(cls, value)
+        obj.exit = exit
+        return obj
+
+
+def _hflm_arg_names() -> set[str]:
+    return {n for n in inspect.signature(HFLM.__init__).parameters if n not in ("self", "kwargs")}
+
+
+@register_model("adainfer")
+class AdaInferLM(HFLM):
+    def __init__(self, pretrained=DEFAULT_MODEL, policy: str = "full", **kwargs):
+        policy_names = policy_arg_names()
+        valid = _hflm_arg_names() | policy_names
+        unknown = sorted(set(kwargs) - valid)
+        if unknown:
+            raise AdaInferError(
+                f"unknown model arg(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}"
+            )
+        policy_args = {k: kwargs.pop(k) for k in list(kwargs) if k in policy_names}
+        # Build the policy first: a typo in its args should fail before a model loads.
+        exit_policy = build_policy(str(policy), policy_args)
+        if isinstance(pretrained, str):
+            from .model_zoo import resolve_pretrained
+
+            pretrained = resolve_pretrained(pretrained)
+        super().__init__(pretrained=pretrained, **kwargs)
+        if self.backend != "causal":
+            raise AdaInferError("adainfer needs a decoder-only (causal) model; seq2seq models are not supported")
+        self.engine = EarlyExitEngine(self.model, exit_policy)
+        self.costs = CostModel.from_stack(self.engine.stack)
+        self._auto_batch_size: int | None = None
+        self._window_records: list[ExitRecord] | None = None
+
+    @property
+    def exit_policy(self):
+        return self.engine.policy
+
+    def get_model_info(self) -> dict:
+        info = super().get_model_info()
+        info["adainfer"] = {"policy": self.exit_policy.describe(), "num_layers": self.engine.num_layers}
+        return info
+
+    # ---- loglikelihood: the early-exit path ---------------------------------------------------
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        rows, decisions = [], []
+        for _, context_enc, continuation_enc in requests:
+            if not context_enc or not continuation_enc:
+                raise AdaInferError("a loglikelihood request has an empty context or continuation")
+            # Same left truncation as HFLM: context+continuation minus the last token.
+            tokens = (context_enc + continuation_enc)[-(self.max_length + 1) :][:-1]
+            rows.append(tokens)
+            decisions.append(len(tokens) - len(continuation_enc))
+
+        # Requests with the same tokens up to the decision position (the choices of one
+        # question) form a group and share one exit decision.
+        group_ids: dict[tuple, int] = {}
+        members: dict[int, list[int]] = defaultdict(list)
+        for i, (tokens, decision) in enumerate(zip(rows, decisions)):
+            members[group_ids.setdefault(tuple(tokens[: decision + 1]), len(group_ids))].append(i)
+        # Longest first, like HFLM: the first batch is the largest, so memory trouble shows early.
+        ordered = sorted(members.values(), key=lambda m: -max(len(rows[i]) for i in m))
+
+        batch_size = self._rows_per_batch(override_bs)
+        results: list[ScoredContinuation | None] = [None] * len(requests)
+        pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="Running loglikelihood requests (adainfer)")
+        for batch_groups in _pack(ordered, batch_size):
+            index = [i for group in batch_groups for i in group]
+            local_group = [g for g, group in enumerate(batch_groups) for _ in group]
+            batch = ExitBatch.from_rows(
+                [rows[i] for i in index], [decisions[i] for i in index], local_group, device=self.device
+            )
+            with torch.autocast(
+                device_type=self.device.type,
+                dtype=self.mixed_precision_dtype,
+                enabled=self.mixed_precision_dtype is not None,
+            ):
+                out = self.engine.run(batch)
+            sizes = [len(group) for group in batch_groups for _ in group]
+            for j, i in enumerate(index):
+                request_str, _, continuation_enc = requests[i]
+                logprobs = F.log_softmax(out.logits[j], dim=-1, dtype=self.softmax_dtype)
+                cont = torch.tensor(continuation_enc, dtype=torch.long, device=logprobs.device)
+                is_greedy = bool((logprobs.argmax(dim=-1) == cont).all())
+                logprob = float(logprobs.gather(1, cont.unsqueeze(1)).sum())
+                record = self.costs.request(
+                    tokens=len(rows[i]), exit_layer=out.exit_layers[j],
+                    scored=len(continuation_enc), checks=out.checks[j] / sizes[j],
+                )
+                answer = ScoredContinuation(logprob, is_greedy, record)
+                results[i] = answer
+                if request_str is not None:
+                    self.cache_hook.add_partial("loglikelihood", request_str, answer)
+                pbar.update(1)
+        pbar.close()
+        if self._window_records is not None:  # inside loglikelihood_rolling: windows in order
+            self._window_records.extend(r.exit for r in results)
+        return results
+
+    def _rows_per_batch(self, override_bs: int | None) -> int:
+        if override_bs:
+            return int(override_bs)
+        if self.batch_size != "auto":
+            return int(self.batch_size)
+        if self._auto_batch_size is None:
+            # HFLM's probe calls _model_call (a plain forward), so it adds nothing to the statistics.
+            self._auto_batch_size = self._detect_batch_size()
+        return self._auto_batch_size
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        self._window_records = []
+        try:
+            totals = super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+            windows = self._window_records
+        finally:
+            self._window_records = None
+        scored, start = [], 0
+        for req, total in zip(requests, totals):
+            # HFLM splits each document into windows this way; count them to regroup the records.
+            count = len(list(lm_utils.get_rolling_token_windows(
+                token_list=self.tok_encode(req.args[0]), prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length, context_len=1,
+            )))
+            scored.append(ScoredFloat(total, ExitRecord.merge(windows[start : start + count])))
+            start += count
+        return scored
+
+    # ---- generation: full depth until per-token exits land ------------------------------------
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        texts = super().generate_until(requests, disable_tqdm=disable_tqdm)
+        out = []
+        for req, text in zip(requests, texts):
+            tokens = len(self.tok_encode(req.args[0])) + len(self.tok_encode(text))
+            record = self.costs.request(tokens=tokens, exit_layer=self.engine.num_layers, scored=0, checks=0)
+            record.full_depth_generation = True
+            out.append(GeneratedText(text, record))
+        return out
+
+
+def _pack(groups: list[list[int]], rows_per_batch: int):
+    """Batches of whole groups, about ``rows_per_batch`` rows each (a big group goes alone)."""
+    batch, size = [], 0
+    for group in groups:
+        if batch and size + len(group) > rows_per_batch:
+            yield batch
+            batch, size = [], 0
+        batch.append(group)
+        size += len(group)
+    if batch:
+        yield batch

@@ -1,0 +1,110 @@
+"""The adainfer backend against lm-eval's own ``hf`` backend, on the same requests."""
+
+from __future__ import annotations
+
+import pytest
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+
+import adainfer_lmeval  # noqa: F401  (registers the model)
+from adainfer_lmeval.errors import AdaInferError
+from adainfer_lmeval.lm_backend import AdaInferLM
+
+CONTEXTS = [
+    "the quick brown fox jumps over",
+    "question : what is the answer ? answer :",
+    "a film that is great ,",
+    "the lazy dog",
+]
+CONTINUATIONS = [" the lazy dog", " yes", " no", " maybe", " positive negative", " ."]
+TEXTS = [
+    "the quick brown fox jumps over the lazy dog . " * 3,
+    "a movie that is bad . a film that is great , question : what is the answer ?",
+]
+
+
+def _loglikelihood_requests():
+    return [
+        Instance("loglikelihood", {}, (ctx, cont), idx=i)
+        for i, (ctx, cont) in enumerate((c, k) for c in CONTEXTS for k in CONTINUATIONS)
+    ]
+
+
+def _lm(cls, folder, **kwargs):
+    return cls(pretrained=str(folder), device="cpu", **kwargs)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2", "opt"])
+@pytest.mark.parametrize("batch_size", [1, 8])
+def test_full_depth_matches_hf_backend(tiny_model_dirs, arch, batch_size):
+    # max_length=24 forces left truncation and several rolling windows per text.
+    hf = _lm(HFLM, tiny_model_dirs[arch], batch_size=batch_size, max_length=24)
+    ada = _lm(AdaInferLM, tiny_model_dirs[arch], batch_size=batch_size, max_length=24, policy="full")
+
+    reference = hf.loglikelihood(_loglikelihood_requests())
+    ours = ada.loglikelihood(_loglikelihood_requests())
+    assert [g for _, g in ours] == [g for _, g in reference]
+    assert [lp for lp, _ in ours] == pytest.approx([lp for lp, _ in reference], abs=1e-4)
+    assert all(r.exit.layers == ada.engine.num_layers for r in ours)
+
+    rolling = [Instance("loglikelihood_rolling", {}, (t,), idx=0) for t in TEXTS]
+    assert ada.loglikelihood_rolling(rolling) == pytest.approx(hf.loglikelihood_rolling(rolling), abs=1e-4)
+
+    until = {"until": ["."], "max_gen_toks": 8, "do_sample": False}
+    gen = [Instance("generate_until", {}, (ctx, dict(until)), idx=0) for ctx in CONTEXTS]
+    texts = ada.generate_until(gen)
+    assert texts == hf.generate_until(gen)
+    assert all(t.exit.full_depth_generation for t in texts)
+
+
+def test_threshold_policy_saves_layers_and_shares_decisions(tiny_model_dirs):
+    # A random tiny model is unsure of everything: find a top-prob threshold that splits it.
+    for tau in (0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08):
+        ada = _lm(AdaInferLM, tiny_model_dirs["llama"], batch_size=4, policy="threshold", top_prob=tau)
+        answers = ada.loglikelihood(_loglikelihood_requests())
+        layers = [a.exit.layers for a in answers]
+        if len(set(layers)) > 1:
+            break
+    assert len(set(layers)) > 1, "no threshold split the requests across layers"
+    # The choices of one context share a decision.
+    per_context = len(CONTINUATIONS)
+    for start in range(0, len(layers), per_context):
+        assert len(set(layers[start : start + per_context])) == 1
+    for a in answers:
+        if a.exit.layers <= 2:  # two of four layers skipped outweigh two exit-head checks
+            assert a.exit.flops < a.exit.full_flops
+        if a.exit.layers == ada.engine.num_layers:  # ran everything and paid for the checks
+            assert a.exit.flops > a.exit.full_flops
+
+
+def test_batch_size_does_not_change_answers(tiny_model_dirs):
+    results = []
+    for batch_size in (1, 3, 16):
+        ada = _lm(AdaInferLM, tiny_model_dirs["qwen2"], batch_size=batch_size, policy="threshold", gap=0.01, min_layer=2)
+        results.append(ada.loglikelihood(_loglikelihood_requests()))
+    for other in results[1:]:
+        assert [a.exit.layers for a in other] == [a.exit.layers for a in results[0]]
+        assert [a[0] for a in other] == pytest.approx([a[0] for a in results[0]], abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ({"policy": "nope"}, "unknown policy 'nope'; choose one of: full, static, threshold"),
+        ({"policy": "threshold"}, "needs exactly one of gap"),
+        ({"policy": "threshold", "gap": "high"}, "gap='high' is not a valid float"),
+        ({"policy": "full", "gap": 0.5}, "policy=full does not take gap"),
+        ({"policy": "static"}, "needs layer=K"),
+        ({"policy": "full", "colour": "blue"}, "unknown model arg(s) colour; valid:"),
+    ],
+)
+def test_bad_model_args_are_refused_in_one_line(tiny_model_dirs, args, message):
+    with pytest.raises(AdaInferError) as error:
+        _lm(AdaInferLM, tiny_model_dirs["llama"], **args)
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_static_layer_beyond_depth_is_refused(tiny_model_dirs):
+    with pytest.raises(AdaInferError, match="outside 1..4"):
+        _lm(AdaInferLM, tiny_model_dirs["llama"], policy="static", layer=7)
