@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .architectures import DecoderStack
-from .features import compute_features
+from .features import FEATURE_NAMES, compute_features
 from .policies import ExitPolicy
 
 
@@ -44,6 +44,13 @@ class ExitResult:
     exit_layers: list[int]  # per row: the layer whose hidden states gave its logits
     logits: list[torch.Tensor]  # per row: [n_scored, vocab] exit logits at the scored positions
     checks: list[int]  # per row: exit-head evaluations made for its group's decision
+
+
+@dataclass
+class LayerView:
+    layer: int
+    features: torch.Tensor  # [rows, len(FEATURE_NAMES)] at the decision positions
+    logits: list[torch.Tensor]  # per row: [n_scored, vocab] exit logits at the scored positions
 
 
 class EarlyExitEngine:
@@ -78,6 +85,9 @@ class EarlyExitEngine:
         hidden = stack.embed(batch.input_ids[:, :width])
         active = torch.arange(rows, device=groups.device)  # batch row of each hidden row
         inputs = stack.layer_inputs(hidden)
+        if "cosine" in features:  # layer 1 compares against the embeddings (layer 0)
+            speaker_idx, speaker_groups = self._speakers(active, groups, first_row)
+            previous_state = self._remember(None, hidden[speaker_idx, decision[speaker_idx]], speaker_groups, n_groups)
         exit_layers = [num_layers] * rows
         logits_out: list[torch.Tensor | None] = [None] * rows
 
@@ -117,6 +127,35 @@ class EarlyExitEngine:
 
         per_row_checks = checks[groups.cpu()].tolist()
         return ExitResult(exit_layers, logits_out, per_row_checks)  # type: ignore[arg-type]
+
+    @torch.no_grad()
+    def trace(self, batch: ExitBatch):
+        """Every layer's view of every row, with no exits: for collecting training features.
+
+        Yields a :class:`LayerView` per layer 1..num_layers, holding all of
+        :data:`FEATURE_NAMES` at each row's decision position and the exit logits at its
+        scored positions. Consume each view before asking for the next (they are large).
+        """
+        stack, num_layers = self.stack, self.stack.num_layers
+        width = int(batch.lengths.max())
+        hidden = stack.embed(batch.input_ids[:, :width])
+        inputs = stack.layer_inputs(hidden)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        previous = hidden[rows, batch.decision_positions]
+        spans = [(int(d), int(n)) for d, n in zip(batch.decision_positions, batch.lengths)]
+        for layer in range(1, num_layers + 1):
+            hidden = stack.run_layer(layer - 1, hidden, inputs)
+            gathered = torch.cat([hidden[i, start:end] for i, (start, end) in enumerate(spans)])
+            logits = stack.exit_logits(gathered)
+            per_row, offset = [], 0
+            for start, end in spans:
+                per_row.append(logits[offset : offset + end - start])
+                offset += end - start
+            state = hidden[rows, batch.decision_positions]
+            decision_logits = torch.stack([row_logits[0] for row_logits in per_row])
+            feats = compute_features(FEATURE_NAMES, decision_logits, state, previous, layer, num_layers)
+            previous = state
+            yield LayerView(layer, feats, per_row)
 
     # ---- helpers ----------------------------------------------------------------------------
 

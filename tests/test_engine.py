@@ -128,3 +128,28 @@ def test_unsupported_architecture_is_refused():
     model = tf.AutoModelForCausalLM.from_config(config)
     with pytest.raises(AdaInferError, match="supported: llama"):
         DecoderStack(model)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_trace_sees_what_exits_would_see(tiny_models, arch):
+    """trace() gives, per layer, the logits a static exit there gives and the features a policy sees."""
+    from adainfer_lmeval.features import FEATURE_NAMES
+
+    model = tiny_models[arch]
+    rows = _rows(5, 3, model.config.vocab_size)
+    decisions = [len(r) - 3 for r in rows]
+    batch = ExitBatch.from_rows(rows, decisions)
+    views = list(EarlyExitEngine(model, build_policy("full", {})).trace(batch))
+    assert [v.layer for v in views] == [1, 2, 3, 4]
+
+    class AllFeatures(Recorder):
+        features = FEATURE_NAMES
+
+    recorder = AllFeatures()
+    EarlyExitEngine(model, recorder).run(batch)
+    for view in views:
+        if view.layer < 4:
+            static = EarlyExitEngine(model, build_policy("static", {"layer": view.layer})).run(batch)
+            for mine, theirs in zip(view.logits, static.logits):
+                torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(view.features, recorder.seen[view.layer], atol=1e-5, rtol=1e-5)
