@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .errors import AdaInferError
+from .policies import ModelIdentity
 
 ROTARY_FAMILY = ("llama", "mistral", "qwen2", "gemma3_text")
 SUPPORTED_MODEL_TYPES = ROTARY_FAMILY + ("gpt2", "opt")
@@ -142,6 +143,16 @@ class DecoderStack:
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
+
+    def identity(self) -> ModelIdentity:
+        source = str(getattr(self.config, "_name_or_path", "") or self.model_type)
+        return ModelIdentity(
+            name=source.rstrip("/").split("/")[-1],
+            model_type=self.model_type,
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            vocab_size=self.vocab_size,
+        )
 
     # ---- costs, for the FLOPs accounting -------------------------------------------------
 

@@ -57,7 +57,7 @@ class EarlyExitEngine:
     def __init__(self, model, policy: ExitPolicy):
         self.stack = DecoderStack(model)
         self.policy = policy
-        policy.validate(self.stack.num_layers)
+        policy.bind(self.stack.identity())
 
     @property
     def num_layers(self) -> int:

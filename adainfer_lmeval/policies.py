@@ -8,11 +8,23 @@ New policies (learned SVM/CRF classifiers, third-party ones) register a name wit
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from .errors import AdaInferError
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a policy may know of the model it runs on (a trained policy checks it fits)."""
+
+    name: str  # the short name (e.g. smollm2-135m) or the folder/hub id's last part
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
 
 
 class ExitPolicy:
@@ -40,10 +52,13 @@ class ExitPolicy:
         """
         raise NotImplementedError
 
-    def validate(self, num_layers: int) -> None:
-        """Refuse settings that cannot work on a model with ``num_layers`` layers."""
-        if not 1 <= self.min_layer <= num_layers:
-            raise AdaInferError(f"min_layer={self.min_layer} is outside 1..{num_layers} for this model")
+    def bind(self, model: ModelIdentity) -> None:
+        """Called once with the model the policy will run on: refuse what cannot work there.
+
+        A trained policy loads or checks its file here (it must fit the model's depth).
+        """
+        if not 1 <= self.min_layer <= model.num_layers:
+            raise AdaInferError(f"min_layer={self.min_layer} is outside 1..{model.num_layers} for this model")
 
     def describe(self) -> dict:
         """What the results JSON records about this policy."""
@@ -131,6 +146,10 @@ class StaticLayer(ExitPolicy):
 
     def consults_at(self, layer: int, num_layers: int) -> bool:
         return layer == self.layer and layer < num_layers
+
+    def bind(self, model: ModelIdentity) -> None:
+        if not 1 <= self.layer <= model.num_layers:
+            raise AdaInferError(f"layer={self.layer} is outside 1..{model.num_layers} for this model")
 
     def decide(self, layer, num_layers, history):
         return torch.ones(history.shape[0], dtype=torch.bool, device=history.device)
