@@ -28,6 +28,29 @@ def _with_task_folder(argv: list[str]) -> list[str]:
     return [*argv, "--include_path", str(tasks_dir())]
 
 
+def _flag(argv: list[str], name: str) -> str | None:
+    """The value of ``--name X`` or ``--name=X`` in argv, if given."""
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _preflight(argv: list[str]) -> None:
+    """Cheap checks that would otherwise fail only after lm-eval indexed every task (~12 s)."""
+    from .offline_data import check_tasks_available
+
+    if _flag(argv, "--model") == "adainfer":
+        from .lm_backend import check_model_args
+
+        check_model_args(_flag(argv, "--model_args") or "")
+    tasks = _flag(argv, "--tasks")
+    if tasks:
+        check_tasks_available(tasks)
+
+
 def _run_lm_eval(argv: list[str]) -> int:
     from .offline_data import configure_offline_environment
 
@@ -35,6 +58,7 @@ def _run_lm_eval(argv: list[str]) -> int:
     import adainfer_lmeval  # noqa: F401  (registers the model)
     from lm_eval.__main__ import cli_evaluate
 
+    _preflight(argv)
     sys.argv = ["adainfer-eval", *_with_task_folder(argv)]
     cli_evaluate()
     return 0

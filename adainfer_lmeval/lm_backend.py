@@ -61,19 +61,29 @@ def _hflm_arg_names() -> set[str]:
     return {n for n in inspect.signature(HFLM.__init__).parameters if n not in ("self", "kwargs")}
 
 
+def split_model_args(policy: str, kwargs: dict):
+    """(the exit policy, the args left for HFLM); one-line errors for unknown or bad args."""
+    policy_names = policy_arg_names()
+    valid = _hflm_arg_names() | policy_names | {"pretrained"}
+    unknown = sorted(set(kwargs) - valid)
+    if unknown:
+        raise AdaInferError(f"unknown model arg(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+    policy_args = {k: v for k, v in kwargs.items() if k in policy_names}
+    rest = {k: v for k, v in kwargs.items() if k not in policy_names}
+    return build_policy(str(policy), policy_args), rest
+
+
+def check_model_args(arg_string: str) -> None:
+    """Validate ``--model_args`` for adainfer without loading anything (fast CLI feedback)."""
+    args = lm_utils.simple_parse_args_string(arg_string or "")
+    split_model_args(args.pop("policy", "full"), args)
+
+
 @register_model("adainfer")
 class AdaInferLM(HFLM):
     def __init__(self, pretrained=DEFAULT_MODEL, policy: str = "full", **kwargs):
-        policy_names = policy_arg_names()
-        valid = _hflm_arg_names() | policy_names
-        unknown = sorted(set(kwargs) - valid)
-        if unknown:
-            raise AdaInferError(
-                f"unknown model arg(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}"
-            )
-        policy_args = {k: kwargs.pop(k) for k in list(kwargs) if k in policy_names}
         # Build the policy first: a typo in its args should fail before a model loads.
-        exit_policy = build_policy(str(policy), policy_args)
+        exit_policy, kwargs = split_model_args(policy, kwargs)
         if isinstance(pretrained, str):
             from .model_zoo import resolve_pretrained
 
