@@ -71,6 +71,13 @@ def main(argv: list[str] | None = None) -> int:
             from .model_zoo import main as models_main
 
             return models_main(argv[1:])
+        if argv and argv[0] == "compare":
+            from .offline_data import configure_offline_environment
+
+            configure_offline_environment()
+            from .compare import main as compare_main
+
+            return compare_main(argv[1:])
         if argv and argv[0] == "data":
             from .offline_data import main as data_main
 

@@ -32,7 +32,7 @@ def _backend(lm):
     return getattr(lm, "lm", lm)
 
 
-def attach_exit_statistics(results: dict, task_dict, lm) -> None:
+def attach_exit_statistics(results: dict, task_dict, lm, seconds: float = 0.0) -> None:
     from lm_eval.evaluator_utils import _handle_back_comp
 
     # The same unpacking lm-eval's evaluate() does on its task_dict argument.
@@ -64,6 +64,7 @@ def attach_exit_statistics(results: dict, task_dict, lm) -> None:
     results["adainfer"] = {
         "policy": backend.exit_policy.describe(),
         "num_layers": backend.engine.num_layers,
+        "seconds": seconds,  # wall-clock in the model (scoring and generation) during this run
         "tasks": per_task,
     }
     if any(s.get("full_depth_generation") for s in per_task.values()):
@@ -94,11 +95,13 @@ def install() -> None:
 
     @functools.wraps(original)
     def evaluate(lm, task_dict, *args, **kwargs):
-        results = original(lm, task_dict, *args, **kwargs)
         from .lm_backend import AdaInferLM
 
-        if results is not None and isinstance(_backend(lm), AdaInferLM):
-            attach_exit_statistics(results, task_dict, lm)
+        backend = _backend(lm)
+        before = getattr(backend, "model_seconds", 0.0)
+        results = original(lm, task_dict, *args, **kwargs)
+        if results is not None and isinstance(backend, AdaInferLM):
+            attach_exit_statistics(results, task_dict, lm, backend.model_seconds - before)
         return results
 
     evaluate._adainfer_wrapped = True

@@ -13,6 +13,7 @@ into per-task figures in the results and per-sample exit layers in ``--log_sampl
 from __future__ import annotations
 
 import inspect
+import time
 from collections import defaultdict
 
 import torch
@@ -94,6 +95,7 @@ class AdaInferLM(HFLM):
         self.engine = EarlyExitEngine(self.model, exit_policy)
         self.costs = CostModel.from_stack(self.engine.stack)
         self._auto_batch_size: int | None = None
+        self.model_seconds = 0.0  # wall-clock spent scoring and generating (for speedups)
         self._window_records: list[ExitRecord] | None = None
 
     @property
@@ -108,6 +110,13 @@ class AdaInferLM(HFLM):
     # ---- loglikelihood: the early-exit path ---------------------------------------------------
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        started = time.perf_counter()
+        try:
+            return self._score(requests, disable_tqdm, override_bs)
+        finally:
+            self.model_seconds += time.perf_counter() - started
+
+    def _score(self, requests, disable_tqdm: bool, override_bs: int | None):
         rows, decisions = [], []
         for _, context_enc, continuation_enc in requests:
             if not context_enc or not continuation_enc:
@@ -193,7 +202,9 @@ class AdaInferLM(HFLM):
     # ---- generation: full depth until per-token exits land ------------------------------------
 
     def generate_until(self, requests, disable_tqdm: bool = False):
+        started = time.perf_counter()
         texts = super().generate_until(requests, disable_tqdm=disable_tqdm)
+        self.model_seconds += time.perf_counter() - started
         out = []
         for req, text in zip(requests, texts):
             tokens = len(self.tok_encode(req.args[0])) + len(self.tok_encode(text))
