@@ -1,6 +1,7 @@
 """``adainfer-eval``: lm-eval's command line with ``adainfer`` registered, plus our commands.
 
-``adainfer-eval models ...`` and ``adainfer-eval data ...`` manage the offline cache; every
+``adainfer-eval models|data ...`` manage the offline cache; ``suite``, ``compare``,
+``report`` and ``check`` run and judge early exit beside full depth (see SUBCOMMANDS); every
 other invocation is handed to lm-eval's own CLI unchanged (``run`` flags, ``ls tasks``,
 ``validate``), with this repository's ``tasks/`` folder on the include path so the offline
 task configs are found. lm-eval reads no entry points, which is why this wrapper exists.
@@ -8,11 +9,21 @@ task configs are found. lm-eval reads no entry points, which is why this wrapper
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 from .errors import AdaInferError
 
 LM_EVAL_TASK_COMMANDS = {"run", "ls", "validate"}
+# our subcommands -> the module whose main(argv) runs them
+SUBCOMMANDS = {
+    "models": "model_zoo",
+    "data": "offline_data",
+    "compare": "compare",
+    "suite": "suite",
+    "report": "report",
+    "check": "check",
+}
 
 
 def _with_task_folder(argv: list[str]) -> list[str]:
@@ -67,21 +78,12 @@ def _run_lm_eval(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv and argv[0] == "models":
-            from .model_zoo import main as models_main
-
-            return models_main(argv[1:])
-        if argv and argv[0] == "compare":
+        if argv and argv[0] in SUBCOMMANDS:
             from .offline_data import configure_offline_environment
 
-            configure_offline_environment()
-            from .compare import main as compare_main
-
-            return compare_main(argv[1:])
-        if argv and argv[0] == "data":
-            from .offline_data import main as data_main
-
-            return data_main(argv[1:])
+            configure_offline_environment()  # before anything imports datasets
+            module = importlib.import_module(f"adainfer_lmeval.{SUBCOMMANDS[argv[0]]}")
+            return module.main(argv[1:])
         return _run_lm_eval(argv)
     except AdaInferError as error:
         print(f"adainfer-eval: error: {error}", file=sys.stderr)

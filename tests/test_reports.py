@@ -1,0 +1,87 @@
+"""Suite, report and check on real runs: the CI suite (SmolLM2, SST-2 slice) against its baseline."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from adainfer_lmeval.check import check_rows
+from adainfer_lmeval.errors import AdaInferError
+from adainfer_lmeval.report import compare_rows, load_runs, write_report
+from adainfer_lmeval.suite import Suite, run_suite
+
+pytestmark = pytest.mark.real
+
+CI = Path(__file__).resolve().parent.parent / "reports" / "ci"
+
+
+@pytest.fixture(scope="module")
+def ci_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ci_suite")
+    files = run_suite(Suite.load(CI / "suite.yaml"), out)
+    return out, files
+
+
+def test_report_numbers_equal_a_recomputation_from_the_samples(ci_runs):
+    out, files = ci_runs
+    runs = load_runs(files)
+    rows = compare_rows(runs)
+    by_policy = {r["settings"]["policy"]: r for r in runs}
+    for row in rows:
+        samples = by_policy[row["policy"]]["samples"]["sst2"]
+        correct = [max(range(len(s["loglikelihoods"])), key=s["loglikelihoods"].__getitem__) == s["target"] for s in samples]
+        assert row["early_exit"] == pytest.approx(sum(correct) / len(correct))
+        layers = [layer for s in samples for layer in s["exit_layers"]]
+        assert row["mean_layers"] == pytest.approx(sum(layers) / len(layers))
+        assert row["layers_saved_pct"] == pytest.approx(100 * (1 - sum(layers) / len(layers) / row["num_layers"]))
+        assert row["documents"] == len(samples) == 40
+    written = write_report(rows, out / "report")
+    assert all(p.exists() for p in written.values())
+    assert (out / "report" / "accuracy_vs_layers_saved.png").stat().st_size > 1000
+    assert "AT CHANCE" in written["markdown"].read_text() or not any(r["at_chance"] for r in rows)
+
+
+def test_suite_resumes_without_rerunning(ci_runs):
+    out, files = ci_runs
+    before = {f: f.stat().st_mtime for f in files}
+    logged = []
+    run_suite(Suite.load(CI / "suite.yaml"), out, log=logged.append)
+    assert {f: f.stat().st_mtime for f in files} == before
+    assert all("done before, kept" in line for line in logged)
+
+
+def test_check_holds_against_the_committed_baseline(ci_runs):
+    _, files = ci_runs
+    baseline = json.loads((CI / "baseline.json").read_text())
+    # One SST-2 document is 2.5 points of 40: allow one flip from float noise across machines.
+    assert check_rows(compare_rows(load_runs(files)), baseline, max_accuracy_drop=3.0, min_savings_fraction=0.9) == []
+
+
+def test_check_fails_on_a_doctored_run(ci_runs):
+    _, files = ci_runs
+    baseline = json.loads((CI / "baseline.json").read_text())
+    rows = compare_rows(load_runs(files))
+    doctored = copy.deepcopy(rows)
+    for r in doctored:
+        if r["policy"] != "full":
+            r["layers_saved_pct"] *= 0.5
+            r["early_exit"] -= 0.10
+    failures = check_rows(doctored, baseline, max_accuracy_drop=3.0, min_savings_fraction=0.9)
+    assert any("layers saved" in f for f in failures)
+    assert any("below the baseline's" in f for f in failures)
+
+    other_limit = copy.deepcopy(rows)
+    for r in other_limit:
+        r["limit"] = 10
+    with pytest.raises(AdaInferError, match="different limit"):
+        check_rows(other_limit, baseline, max_accuracy_drop=3.0, min_savings_fraction=0.9)
+
+
+def test_a_run_without_its_baseline_is_refused(ci_runs):
+    _, files = ci_runs
+    early_only = [f for f in files if f.name != "full.json"]
+    with pytest.raises(AdaInferError, match="no full-depth run"):
+        compare_rows(load_runs(early_only))
