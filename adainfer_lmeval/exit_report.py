@@ -32,20 +32,39 @@ def _backend(lm):
     return getattr(lm, "lm", lm)
 
 
-def attach_exit_statistics(results: dict, task_dict, lm, seconds: float = 0.0) -> None:
+def collect_records(task_dict) -> dict[str, list[ExitRecord]]:
+    """This process's exit records, per task, read off the responses of its instances."""
     from lm_eval.evaluator_utils import _handle_back_comp
 
     # The same unpacking lm-eval's evaluate() does on its task_dict argument.
     tasks = task_dict["tasks"] if "tasks" in task_dict else _handle_back_comp(task_dict)[1]
-    records: dict[str, list[ExitRecord]] = {}
-    for name, task in tasks.items():
-        records[name] = [
+    return {
+        name: [
             record
             for instance in task.instances
-            for record in map(_exit_of, instance.resps)
+            # with several processes, lm-eval pads ranks by repeating a request: count it once
+            for record in map(_exit_of, instance.resps[: instance.repeats])
             if record is not None
         ]
+        for name, task in tasks.items()
+    }
 
+
+def gather_records(records: dict[str, list[ExitRecord]], backend) -> dict[str, list[ExitRecord]]:
+    """All processes' records on rank 0 (every rank must call this, as lm-eval's own gathers)."""
+    if backend.world_size <= 1:
+        return records
+    gathered = backend.gather_object(records, dst=0)
+    if backend.rank != 0:
+        return {}
+    merged: dict[str, list[ExitRecord]] = {}
+    for part in gathered:
+        for name, found in part.items():
+            merged.setdefault(name, []).extend(found)
+    return merged
+
+
+def attach_exit_statistics(results: dict, records: dict[str, list[ExitRecord]], backend, seconds: float = 0.0) -> None:
     per_task = {name: summarize(found) for name, found in records.items() if found}
     # Groups (e.g. mmlu): every request of every subtask below them.
     for group, subtasks in results.get("group_subtasks", {}).items():
@@ -60,7 +79,6 @@ def attach_exit_statistics(results: dict, task_dict, lm, seconds: float = 0.0) -
         for key, source in TABLE_KEYS.items():
             row[f"{key},none"] = summary[source]
 
-    backend = _backend(lm)
     results["adainfer"] = {
         "policy": backend.exit_policy.describe(),
         "num_layers": backend.engine.num_layers,
@@ -100,8 +118,10 @@ def install() -> None:
         backend = _backend(lm)
         before = getattr(backend, "model_seconds", 0.0)
         results = original(lm, task_dict, *args, **kwargs)
-        if results is not None and isinstance(backend, AdaInferLM):
-            attach_exit_statistics(results, task_dict, lm, backend.model_seconds - before)
+        if isinstance(backend, AdaInferLM):
+            records = gather_records(collect_records(task_dict), backend)
+            if results is not None:
+                attach_exit_statistics(results, records, backend, backend.model_seconds - before)
         return results
 
     evaluate._adainfer_wrapped = True

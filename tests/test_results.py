@@ -118,3 +118,27 @@ def test_command_line_refuses_unknown_model_args_in_one_line(tiny_model_dirs):
     assert done.returncode == 2
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("adainfer-eval: error: unknown model arg(s) polcy; valid:")
+
+
+def test_two_processes_with_accelerate_give_the_one_process_results(tiny_model_dirs, tmp_path):
+    """Data-parallel evaluation (accelerate, 2 CPU processes) gathers every rank's exits."""
+    task_dir = tmp_path / "tasks"
+    task_dir.mkdir()
+    (task_dir / "tiny_sentiment.yaml").write_text(json.dumps(_task()))
+    saved = {}
+    for processes in (1, 2):
+        out = tmp_path / f"out{processes}"
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "-m", "adainfer_lmeval", "run", "--model", "adainfer",
+            "--model_args", f"pretrained={tiny_model_dirs['llama']},policy=threshold,top_prob=0.03",
+            "--tasks", "tiny_sentiment", "--include_path", str(task_dir), "--output_path", str(out),
+        ]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        saved[processes] = json.loads(next(out.rglob("results_*.json")).read_text())
+    one, two = saved[1], saved[2]
+    assert two["results"]["tiny_sentiment"]["acc,none"] == one["results"]["tiny_sentiment"]["acc,none"]
+    assert two["adainfer"]["tasks"] == one["adainfer"]["tasks"]
+    assert two["adainfer"]["tasks"]["tiny_sentiment"]["requests"] == 12
