@@ -69,6 +69,11 @@ def split_model_args(policy: str, kwargs: dict):
     unknown = sorted(set(kwargs) - valid)
     if unknown:
         raise AdaInferError(f"unknown model arg(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+    if str(kwargs.get("parallelize", False)).lower() in ("true", "1"):
+        raise AdaInferError(
+            "parallelize=True (one model split over several GPUs) is not supported by the early-exit engine; "
+            "run data-parallel instead: accelerate launch -m adainfer_lmeval ..."
+        )
     policy_args = {k: v for k, v in kwargs.items() if k in policy_names}
     rest = {k: v for k, v in kwargs.items() if k not in policy_names}
     return build_policy(str(policy), policy_args), rest

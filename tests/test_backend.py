@@ -108,3 +108,19 @@ def test_bad_model_args_are_refused_in_one_line(tiny_model_dirs, args, message):
 def test_static_layer_beyond_depth_is_refused(tiny_model_dirs):
     with pytest.raises(AdaInferError, match="outside 1..4"):
         _lm(AdaInferLM, tiny_model_dirs["llama"], policy="static", layer=7)
+
+
+def test_split_over_gpus_is_refused_in_one_line(tiny_model_dirs):
+    with pytest.raises(AdaInferError, match="parallelize=True .* not supported"):
+        _lm(AdaInferLM, tiny_model_dirs["llama"], parallelize=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_bfloat16_full_depth_matches_hf_backend(tiny_model_dirs, arch):
+    hf = _lm(HFLM, tiny_model_dirs[arch], batch_size=4, dtype="bfloat16")
+    ada = _lm(AdaInferLM, tiny_model_dirs[arch], batch_size=4, dtype="bfloat16", policy="full")
+    assert ada.model.dtype == ada.engine.stack.head.weight.dtype == __import__("torch").bfloat16
+    ours = [lp for lp, _ in ada.loglikelihood(_loglikelihood_requests())]
+    reference = [lp for lp, _ in hf.loglikelihood(_loglikelihood_requests())]
+    # bf16 keeps ~3 significant digits; the two paths differ only in where the head is applied.
+    assert ours == pytest.approx(reference, rel=2e-2, abs=5e-2)
