@@ -78,7 +78,9 @@ class EarlyExitEngine:
         history = torch.full(
             (n_groups, num_layers + 1, len(features)), float("nan"), device=batch.input_ids.device
         )
-        checks = torch.zeros(n_groups, dtype=torch.long)
+        checks = torch.zeros(n_groups, dtype=torch.long, device=groups.device)
+        # Python copies of the spans: reading tensors element by element would sync a GPU.
+        spans = list(zip(decision.tolist(), lengths.tolist()))
         previous_state = None  # decision-position hidden state of the last layer, for "cosine"
 
         width = int(lengths.max())
@@ -105,7 +107,7 @@ class EarlyExitEngine:
                 prev = previous_state[speaker_groups] if previous_state is not None else None
                 feats = compute_features(features, stack.exit_logits(state), state, prev, layer, num_layers)
                 history[speaker_groups, layer] = feats.to(history.dtype)
-                checks[speaker_groups.cpu()] += 1
+                checks[speaker_groups] += 1
             if "cosine" in features:
                 previous_state = self._remember(previous_state, state, speaker_groups, n_groups)
             stop = policy.decide(layer, num_layers, history[speaker_groups, : layer + 1])
@@ -113,7 +115,7 @@ class EarlyExitEngine:
             if stopped.numel() == 0:
                 continue
             leaving = torch.isin(groups[active], stopped)
-            self._emit(hidden[leaving], active[leaving], layer, batch, exit_layers, logits_out)
+            self._emit(hidden[leaving], active[leaving], layer, spans, exit_layers, logits_out)
             hidden, active = hidden[~leaving], active[~leaving]
             if active.numel() == 0:
                 break
@@ -123,9 +125,9 @@ class EarlyExitEngine:
             inputs = stack.layer_inputs(hidden)
         else:
             hidden = stack.run_layer(num_layers - 1, hidden, inputs)
-            self._emit(hidden, active, num_layers, batch, exit_layers, logits_out)
+            self._emit(hidden, active, num_layers, spans, exit_layers, logits_out)
 
-        per_row_checks = checks[groups.cpu()].tolist()
+        per_row_checks = checks[groups].tolist()
         return ExitResult(exit_layers, logits_out, per_row_checks)  # type: ignore[arg-type]
 
     @torch.no_grad()
@@ -174,15 +176,16 @@ class EarlyExitEngine:
         previous[speaker_groups] = state
         return previous
 
-    def _emit(self, hidden, rows, layer, batch, exit_layers, logits_out):
+    def _emit(self, hidden, rows, layer, spans, exit_layers, logits_out):
         """Exit logits at the scored positions of ``rows``, in one head call."""
         if rows.numel() == 0:
             return
-        spans = [(int(batch.decision_positions[r]), int(batch.lengths[r])) for r in rows.tolist()]
-        gathered = torch.cat([hidden[i, start:end] for i, (start, end) in enumerate(spans)])
+        rows = rows.tolist()
+        gathered = torch.cat([hidden[i, spans[r][0] : spans[r][1]] for i, r in enumerate(rows)])
         logits = self.stack.exit_logits(gathered)
         offset = 0
-        for r, (start, end) in zip(rows.tolist(), spans):
+        for r in rows:
+            start, end = spans[r]
             logits_out[r] = logits[offset : offset + end - start]
             exit_layers[r] = layer
             offset += end - start
