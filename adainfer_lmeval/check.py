@@ -27,21 +27,24 @@ SETTINGS = ("num_fewshot", "limit")
 def check_rows(current: list[dict], baseline: list[dict], max_accuracy_drop: float, min_savings_fraction: float,
                max_drop_vs_full: float | None = None) -> list[str]:
     """One line per failure; empty when everything holds."""
-    by_identity = {tuple(r[k] for k in IDENTITY): r for r in current if r["policy"] != FULL}
     failures = []
     for base in (r for r in baseline if r["policy"] != FULL and r["task"] != "macro-average"):
         ident = tuple(base[k] for k in IDENTITY)
         name = "/".join(map(str, ident))
-        now = by_identity.get(ident)
-        if now is None:
-            failures.append(f"{name}: missing from the current run")
-            continue
-        differing = [k for k in SETTINGS if now[k] != base[k]]
-        if differing:
+        candidates = [r for r in current if tuple(r[k] for k in IDENTITY) == ident]
+        same = [r for r in candidates if all(r[k] == base[k] for k in SETTINGS)]
+        if not same and candidates:
+            now = candidates[0]
+            differing = [k for k in SETTINGS if now[k] != base[k]]
             raise AdaInferError(
                 f"{name}: cannot compare runs with different {', '.join(differing)} "
                 f"({', '.join(f'{k} {base[k]} vs {now[k]}' for k in differing)}); rerun with the baseline's settings"
             )
+        if not same:
+            failures.append(f"{name}: missing from the current run")
+            continue
+        now = same[0]
+        name += f" ({base['num_fewshot']}-shot)"
         drop = -100 * now["delta"]
         if max_drop_vs_full is not None and drop > max_drop_vs_full:
             failures.append(f"{name}: accuracy {drop:.1f} points below full depth (allowed {max_drop_vs_full})")

@@ -41,7 +41,7 @@ def main(argv: list[str]) -> int:
     args = simple_parse_args_string(a.model_args)
     model = str(args.pop("pretrained", "smollm2-135m"))
     policy = ",".join([str(args.pop("policy", FULL))] + [f"{k}={v}" for k, v in args.items()])
-    suite = Suite(models=[model], policies=[] if policy == FULL else [policy],
+    suite = Suite(models=[model], policies={model: [] if policy == FULL else [policy]},
                   tasks=[TaskSpec(t, limit, a.num_fewshot) for t, limit in zip(tasks, limits)],
                   batch_size=a.batch_size, device=a.device)
     out = Path(a.output_path)

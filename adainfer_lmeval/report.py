@@ -125,7 +125,7 @@ def macro_average(rows: list[dict]) -> list[dict]:
     out = []
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["model"], r["policy"]), []).append(r)
+        groups.setdefault((r["model"], r["policy"]), []).append(r)  # over tasks and shot settings
     for (model, policy), members in groups.items():
         mean = lambda k: sum(m[k] for m in members) / len(members)  # noqa: E731
         out.append({
@@ -140,7 +140,7 @@ def macro_average(rows: list[dict]) -> list[dict]:
     return out
 
 
-HEADERS = ["model", "task", "policy", "docs", "metric", "chance %", "full %", "early exit %", "Δ points",
+HEADERS = ["model", "task", "shots", "policy", "docs", "metric", "chance %", "full %", "early exit %", "Δ points",
            "layers used", "layers saved %", "FLOPs saved %", "ms/req full", "ms/req exit", "speedup", "note"]
 
 
@@ -148,7 +148,8 @@ def _cells(r: dict) -> list:
     pct = lambda v: f"{100 * v:.1f}" if v is not None else "-"  # noqa: E731
     delta = f"{100 * r['delta']:+.1f}" + (f" ± {100 * r['delta_stderr']:.1f}" if r.get("delta_stderr") is not None else "")
     note = "AT CHANCE: saving proves nothing" if r["at_chance"] else ""
-    return [r["model"], r["task"], r["policy"], r["documents"], r["metric"], pct(r["chance"]), pct(r["full"]),
+    shots = "default" if r.get("num_fewshot") is None else r["num_fewshot"]
+    return [r["model"], r["task"], shots if r["task"] != "macro-average" else "", r["policy"], r["documents"], r["metric"], pct(r["chance"]), pct(r["full"]),
             pct(r["early_exit"]), delta, f"{r['mean_layers']:.1f}/{r['num_layers']}", f"{r['layers_saved_pct']:.1f}",
             f"{r['flops_saved_pct']:.1f}", f"{r['ms_per_request_full']:.1f}", f"{r['ms_per_request_early_exit']:.1f}",
             f"{r['speedup']:.2f}x" if r["speedup"] else "-", note]
@@ -179,10 +180,10 @@ def plot_tradeoff(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     early = [r for r in rows if r["policy"] != FULL]
-    tasks = sorted({(r["model"], r["task"]) for r in early})
+    tasks = sorted({(r["model"], r["task"], r.get("num_fewshot")) for r in early}, key=str)
     fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(5 * max(len(tasks), 1), 4), squeeze=False)
-    for ax, (model, task) in zip(axes[0], tasks):
-        members = [r for r in early if (r["model"], r["task"]) == (model, task)]
+    for ax, (model, task, shots) in zip(axes[0], tasks):
+        members = [r for r in early if (r["model"], r["task"], r.get("num_fewshot")) == (model, task, shots)]
         ax.scatter([0], [100 * members[0]["full"]], marker="*", s=150, color="black", label="full depth", zorder=3)
         sweeps: dict[str, list[dict]] = {}
         for r in members:
@@ -195,7 +196,8 @@ def plot_tradeoff(rows: list[dict], path: Path) -> None:
             ax.plot(xs, ys, marker="o", label=family if len(points) == 1 else f"{family} sweep")
         if members[0]["chance"] is not None:
             ax.axhline(100 * members[0]["chance"], color="grey", linestyle=":", label="chance")
-        ax.set_title(f"{model} / {task}" + (" (AT CHANCE)" if members[0]["at_chance"] else ""), fontsize=9)
+        label = f"{model} / {task}" + (f" / {shots}-shot" if shots is not None else "")
+        ax.set_title(label + (" (AT CHANCE)" if members[0]["at_chance"] else ""), fontsize=9)
         ax.set_xlabel("layers saved (%)")
         ax.set_ylabel(f"{members[0]['metric']} (%)")
         ax.legend(fontsize=7)
@@ -217,7 +219,8 @@ def plot_exit_layers(rows: list[dict], path: Path) -> None:
         layers = [float(k) for k in r["exit_layer_histogram"]]
         ax.bar(layers, list(r["exit_layer_histogram"].values()), width=0.8)
         ax.set_xlim(0, r["num_layers"] + 1)
-        ax.set_title(f"{r['model']} / {r['task']} / {r['policy']}", fontsize=8)
+        shots = "" if r.get("num_fewshot") is None else f" / {r['num_fewshot']}-shot"
+        ax.set_title(f"{r['model']} / {r['task']}{shots} / {r['policy']}", fontsize=8)
         ax.set_ylabel("requests", fontsize=8)
     axes[-1, 0].set_xlabel("exit layer")
     fig.tight_layout()

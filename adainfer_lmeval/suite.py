@@ -4,6 +4,7 @@ A suite file (JSON or YAML) names what to run::
 
     models: [smollm2-135m]
     policies: ["threshold,gap=0.6,min_layer=20", "threshold,gap=0.8,min_layer=20"]
+    # or per model: policies: {smollm2-135m: [...], qwen2.5-coder-0.5b: [...]}
     tasks:
       - {name: sst2, limit: 200}
       - {name: mmlu, limit: 1, num_fewshot: 0}
@@ -40,7 +41,7 @@ class TaskSpec:
 @dataclass
 class Suite:
     models: list[str]
-    policies: list[str]
+    policies: dict[str, list[str]]  # model -> policies (besides full depth, which always runs)
     tasks: list[TaskSpec]
     batch_size: int = 8
     device: str = "cpu"
@@ -57,8 +58,12 @@ class Suite:
             raise AdaInferError("suite: needs at least one model and one task")
         from lm_eval.utils import simple_parse_args_string
 
+        policies = spec.get("policies", [])
+        if not isinstance(policies, dict):  # one list for every model
+            policies = {model: policies for model in spec["models"]}
         return cls(
-            models=list(spec["models"]), policies=[p for p in spec.get("policies", []) if p != FULL],
+            models=list(spec["models"]),
+            policies={m: [p for p in policies.get(m, []) if p != FULL] for m in spec["models"]},
             tasks=tasks, batch_size=int(spec.get("batch_size", 8)), device=str(spec.get("device", "cpu")),
             extra_model_args=simple_parse_args_string(spec.get("model_args", "")),
         )
@@ -79,8 +84,10 @@ def policy_slug(policy: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "_", policy).strip("_") or FULL
 
 
-def run_path(out: Path, model: str, task: str, policy: str) -> Path:
-    return out / "runs" / policy_slug(model) / task / f"{policy_slug(policy)}.json"
+def run_path(out: Path, model: str, task: TaskSpec, policy: str) -> Path:
+    shots = "default" if task.num_fewshot is None else task.num_fewshot
+    limit = "all" if task.limit is None else f"{task.limit:g}"
+    return out / "runs" / policy_slug(model) / f"{task.name}-{shots}shot-limit{limit}" / f"{policy_slug(policy)}.json"
 
 
 def _settings(model: str, task: TaskSpec, policy: str, batch_size: int) -> dict:
@@ -123,7 +130,7 @@ def run_suite(suite: Suite, out: Path, log=print) -> list[Path]:
 
     configure_offline_environment()
     check_tasks_available([t.name for t in suite.tasks])
-    for policy in suite.policies:  # refuse a bad policy before any model loads
+    for policy in {p for ps in suite.policies.values() for p in ps}:  # refuse bad policies before loading
         name, _, rest = policy.partition(",")
         from lm_eval.utils import simple_parse_args_string
 
@@ -131,13 +138,13 @@ def run_suite(suite: Suite, out: Path, log=print) -> list[Path]:
 
     manager = None
     files = []
-    total = len(suite.models) * len(suite.tasks) * (1 + len(suite.policies))
+    total = sum(len(suite.tasks) * (1 + len(suite.policies[m])) for m in suite.models)
     done = 0
     for model_name in suite.models:
         todo = []
         for task in suite.tasks:
-            for policy in [FULL, *suite.policies]:
-                path = run_path(out, model_name, task.name, policy)
+            for policy in [FULL, *suite.policies[model_name]]:
+                path = run_path(out, model_name, task, policy)
                 files.append(path)
                 settings = _settings(model_name, task, policy, suite.batch_size)
                 if path.exists() and json.loads(path.read_text()).get("settings") == settings:
