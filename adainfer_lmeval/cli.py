@@ -23,6 +23,8 @@ SUBCOMMANDS = {
     "suite": "suite",
     "report": "report",
     "check": "check",
+    "policy": "learned_policies",
+    "benchmark": "benchmark",
 }
 
 

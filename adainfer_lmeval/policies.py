@@ -93,6 +93,8 @@ def policy_arg_names() -> set[str]:
 
 def build_policy(name: str, args: dict) -> ExitPolicy:
     """Build the policy ``name`` from model args; one-line errors for anything wrong."""
+    if name not in _REGISTRY and "file" in _REGISTRY and ("/" in name or name.lower().endswith(".json")):
+        return build_policy("file", {**args, "path": name})  # policy=<path to a policy file>
     if name not in _REGISTRY:
         raise AdaInferError(
             f"unknown policy {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}"

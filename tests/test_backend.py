@@ -90,7 +90,7 @@ def test_batch_size_does_not_change_answers(tiny_model_dirs):
 @pytest.mark.parametrize(
     "args, message",
     [
-        ({"policy": "nope"}, "unknown policy 'nope'; choose one of: full, static, threshold"),
+        ({"policy": "nope"}, "unknown policy 'nope'; choose one of: "),
         ({"policy": "threshold"}, "needs exactly one of gap"),
         ({"policy": "threshold", "gap": "high"}, "gap='high' is not a valid float"),
         ({"policy": "full", "gap": 0.5}, "policy=full does not take gap"),

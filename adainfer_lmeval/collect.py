@@ -1,0 +1,378 @@
+"""Collect per-layer exit features from lm-eval tasks, for training stop classifiers.
+
+One command runs a model over (a sample of) an lm-eval task's documents with exactly the
+prompts the evaluation uses: lm-eval builds the task's requests (``task.build_all_requests``
+with the task's few-shot setting and lm-eval's default few-shot seed), the
+:class:`~adainfer_lmeval.lm_backend.AdaInferLM` instance tokenizes them as HFLM does
+(``_encode_pair``, same left truncation), the answer options of a document form one group,
+and :meth:`EarlyExitEngine.trace` gives every layer's view. Per example and per layer it
+records:
+
+* the exit features (:data:`~adainfer_lmeval.features.FEATURE_NAMES`) at the decision
+  position (the position predicting the first continuation token);
+* the layer's full-vocabulary top-1 token at that position;
+* the per-option loglikelihood at that layer (summed over the continuation tokens, as
+  lm-eval's ``acc`` does) and the layer's chosen option (their argmax);
+
+plus the gold option, each option's first token and a hash of the token rows. The output is
+a parquet file (one row per example; list columns over layers) whose schema metadata names
+the model, tasks, shots, seed and package versions. Nothing is pickled.
+
+    python -m adainfer_lmeval.collect --model smollm2-135m \
+        --tasks arc_easy_train,boolq_train --shots 0,5 --docs 100 --out feats.parquet
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .errors import AdaInferError
+from .features import FEATURE_NAMES
+
+SCHEMA_VERSION = 1
+DEFAULT_FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed (lm_eval.defaults)
+
+
+@dataclass
+class Example:
+    """One document: its option rows (token lists sharing a decision position) and gold."""
+
+    task: str
+    doc_id: int
+    num_fewshot: int
+    rows: list[list[int]]
+    decision: list[int]
+    continuations: list[list[int]]
+    gold: int
+    source: str = ""  # the task or group named on the command line
+    # filled by the trace
+    features: list[list[float]] = field(default_factory=list)  # [L][F]
+    top1: list[int] = field(default_factory=list)  # [L]
+    option_ll: list[list[float]] = field(default_factory=list)  # [L][options]
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("adainfer-lmeval", "torch", "transformers", "lm-eval", "scikit-learn", "sklearn-crfsuite", "python-crfsuite"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    out["python"] = sys.version.split()[0]
+    return out
+
+
+def load_tasks(task_names: list[str]) -> dict:
+    """{leaf task name: task object} from lm-eval with this repository's offline tasks."""
+    from .offline_data import configure_offline_environment, tasks_dir
+
+    configure_offline_environment()
+    from lm_eval.tasks import TaskManager
+
+    from .offline_data import check_tasks_available
+
+    check_tasks_available(task_names)
+    manager = TaskManager(include_path=str(tasks_dir()))
+    unknown = [t for t in task_names if t not in manager.all_tasks]
+    if unknown:
+        raise AdaInferError(f"unknown task(s) {', '.join(unknown)}; see `adainfer-eval data list`")
+    loaded = manager.load(task_names)
+    tasks = {}
+    for name, task in loaded["tasks"].items():
+        if task.get_config("output_type") != "multiple_choice":
+            raise AdaInferError(f"task {name} is not multiple_choice; stop classifiers are trained on multiple-choice tasks")
+        tasks[getattr(task.config, "task", name)] = task
+    return tasks
+
+
+def _doc_ids(task) -> list[int]:
+    return list(range(len(task.eval_docs)))
+
+
+def sample_docs(tasks: dict, spec: str, n_docs: int | None, shots: int, seed: int) -> dict[str, list[int]]:
+    """``n_docs`` documents drawn at random from all leaf tasks of ``spec`` together."""
+    pool = [(name, i) for name, task in sorted(tasks.items()) for i in _doc_ids(task)]
+    rng = random.Random(f"{seed}:{spec}:{shots}")
+    chosen = pool if n_docs is None or n_docs >= len(pool) else rng.sample(pool, n_docs)
+    out: dict[str, list[int]] = {}
+    for name, i in chosen:
+        out.setdefault(name, []).append(i)
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def _gold_index(task, doc, choices: list[str]) -> int:
+    gold = task.doc_to_target(doc)
+    if isinstance(gold, list):
+        gold = gold[0]
+    if isinstance(gold, str):
+        gold = choices.index(gold) if gold in choices else -1
+    return int(gold) if 0 <= int(gold) < len(choices) else -1
+
+
+def build_examples(lm, task, name: str, doc_ids: list[int], shots: int, fewshot_seed: int) -> list[Example]:
+    """The task's lm-eval requests for ``doc_ids``, tokenized as AdaInferLM scores them."""
+    if not hasattr(task, "_adainfer_default_shots"):  # the YAML's own value, before we set ours
+        task._adainfer_default_shots = task.get_config("num_fewshot")
+    default = task._adainfer_default_shots
+    if shots:
+        # Cap at what the few-shot pool holds (MMLU dev: 5 rows, the evaluated one left out).
+        pool = len(task.fewshot_docs() or []) if task.fewshot_docs() is not None else None
+        if pool is not None and task.config.fewshot_split == task.config.test_split:
+            pool -= 1
+        if pool is not None:
+            shots = min(shots, pool)
+    if default != 0 or shots == 0:  # as simple_evaluate: a task pinned to 0 shots stays at 0
+        task.set_config(key="num_fewshot", value=shots)
+    task.set_fewshot_seed(seed=fewshot_seed)
+    task.build_all_requests(samples=doc_ids, rank=0, world_size=1, tokenizer_name=getattr(lm, "tokenizer_name", ""))
+    by_doc: dict[int, list] = {}
+    for inst in task.instances:
+        by_doc.setdefault(inst.doc_id, []).append(inst)
+    examples = []
+    for doc_id, insts in sorted(by_doc.items()):
+        insts.sort(key=lambda x: x.idx)
+        doc = insts[0].doc
+        choices = task.doc_to_choice(doc)
+        if len(insts) != len(choices):  # e.g. acc_mutual_info's unconditional rows
+            insts = insts[: len(choices)]
+        rows, decisions, conts = [], [], []
+        for inst in insts:
+            context, continuation = inst.args
+            context_enc, continuation_enc = lm._encode_pair(context, continuation)
+            tokens = (context_enc + continuation_enc)[-(lm.max_length + 1) :][:-1]
+            rows.append(tokens)
+            decisions.append(len(tokens) - len(continuation_enc))
+            conts.append(continuation_enc)
+        prefix = {tuple(r[: d + 1]) for r, d in zip(rows, decisions)}
+        if len(prefix) != 1:  # options that do not share the decision prefix are not one group
+            continue
+        gold = _gold_index(task, doc, choices)
+        if gold < 0:
+            continue
+        examples.append(Example(name, int(doc_id), int(task.get_config("num_fewshot") or 0), rows, decisions, conts, gold))
+    task._instances = []
+    return examples
+
+
+def _batches(examples: list[Example], rows_per_batch: int, tokens_per_batch: int):
+    order = sorted(examples, key=lambda e: -max(len(r) for r in e.rows))
+    batch, rows, width = [], 0, 0
+    for ex in order:
+        w = max(width, max(len(r) for r in ex.rows))
+        if batch and (rows + len(ex.rows) > rows_per_batch or (rows + len(ex.rows)) * w > tokens_per_batch):
+            yield batch
+            batch, rows, w = [], 0, max(len(r) for r in ex.rows)
+        batch.append(ex)
+        rows += len(ex.rows)
+        width = w
+    if batch:
+        yield batch
+
+
+@torch.no_grad()
+def trace_examples(engine, examples: list[Example], device, rows_per_batch=16, tokens_per_batch=4096, progress=None):
+    """Fill each example's per-layer features, top-1 tokens and option loglikelihoods."""
+    from .engine import ExitBatch
+
+    for batch_examples in _batches(examples, rows_per_batch, tokens_per_batch):
+        # Identical token rows (single-token options: every row is the context) run once;
+        # the model is causal, so this changes nothing but the cost.
+        rows, decisions, groups, owners = [], [], [], []
+        for g, ex in enumerate(batch_examples):
+            seen: dict[tuple, int] = {}
+            for j, r in enumerate(ex.rows):
+                key = (tuple(r), ex.decision[j])
+                if key not in seen:
+                    seen[key] = len(rows)
+                    rows.append(r)
+                    decisions.append(ex.decision[j])
+                    groups.append(g)
+                owners.append((ex, j, seen[key]))
+        batch = ExitBatch.from_rows(rows, decisions, groups, device=device)
+        first = {}
+        for ex, _, i in owners:
+            first.setdefault(id(ex), i)
+        for ex in batch_examples:
+            ex.features, ex.top1, ex.option_ll = [], [], []
+        for view in engine.trace(batch):
+            feats = view.features.float().cpu()
+            logps = [F.log_softmax(lg.float(), dim=-1) for lg in view.logits]
+            lls: dict[int, list[float]] = {}
+            for ex, j, i in owners:
+                cont = torch.tensor(ex.continuations[j], dtype=torch.long, device=logps[i].device)
+                lls.setdefault(id(ex), []).append(float(logps[i].gather(1, cont.unsqueeze(1)).sum()))
+            for ex in batch_examples:
+                i = first[id(ex)]
+                ex.features.append([float(v) for v in feats[i]])
+                ex.top1.append(int(view.logits[i][0].argmax()))
+                ex.option_ll.append(lls[id(ex)])
+        if progress is not None:
+            progress.update(len(batch_examples))
+
+
+def examples_table(examples: list[Example]):
+    import pyarrow as pa
+
+    cols = {
+        "source": [e.source for e in examples],
+        "task": [e.task for e in examples],
+        "doc_id": [e.doc_id for e in examples],
+        "num_fewshot": [e.num_fewshot for e in examples],
+        "n_options": [len(e.rows) for e in examples],
+        "gold": [e.gold for e in examples],
+        "context_tokens": [e.decision[0] for e in examples],
+        "option_first_token": [[c[0] for c in e.continuations] for e in examples],
+        "features": [e.features for e in examples],
+        "top1": [e.top1 for e in examples],
+        "option_ll": [e.option_ll for e in examples],
+        "option_choice": [[max(range(len(ll)), key=ll.__getitem__) for ll in e.option_ll] for e in examples],
+    }
+    schema = pa.schema([
+        ("source", pa.string()), ("task", pa.string()), ("doc_id", pa.int64()), ("num_fewshot", pa.int32()), ("n_options", pa.int32()),
+        ("gold", pa.int32()), ("context_tokens", pa.int32()), ("option_first_token", pa.list_(pa.int64())),
+        ("features", pa.list_(pa.list_(pa.float32()))), ("top1", pa.list_(pa.int64())),
+        ("option_ll", pa.list_(pa.list_(pa.float32()))), ("option_choice", pa.list_(pa.int32())),
+    ])
+    return pa.table(cols, schema=schema)
+
+
+def examples_hash(examples: list[Example]) -> str:
+    """sha256 over what the model saw: task, doc, shots and every option's token row."""
+    h = hashlib.sha256()
+    for e in sorted(examples, key=lambda e: (e.task, e.num_fewshot, e.doc_id)):
+        h.update(json.dumps([e.task, e.doc_id, e.num_fewshot, e.rows, e.gold]).encode())
+    return h.hexdigest()
+
+
+def collect(
+    model: str,
+    task_specs: list[str],
+    shots: list[int],
+    n_docs: int | None,
+    out: Path,
+    seed: int = 0,
+    fewshot_seed: int = DEFAULT_FEWSHOT_SEED,
+    rows_per_batch: int = 16,
+    tokens_per_batch: int = 4096,
+    max_length: int | None = None,
+    quiet: bool = False,
+) -> dict:
+    """Run ``model`` over ``task_specs`` × ``shots``; write ``out`` (parquet); return its metadata."""
+    import pyarrow.parquet as pq
+    from tqdm import tqdm
+
+    from .lm_backend import AdaInferLM
+
+    started = time.time()
+    extra = {"max_length": max_length} if max_length else {}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    lm = AdaInferLM(pretrained=model, policy="full", batch_size=1, device=device, **extra)
+    engine = lm.engine
+    identity = engine.stack.identity()
+    examples: list[Example] = []
+    per_part = []
+    for spec in task_specs:
+        tasks = load_tasks([spec])
+        for k in shots:
+            chosen = sample_docs(tasks, spec, n_docs, k, seed)
+            part: list[Example] = []
+            for name, ids in sorted(chosen.items()):
+                part.extend(build_examples(lm, tasks[name], name, ids, k, fewshot_seed))
+            if not part:
+                continue
+            tokens = sum(len(r) for e in part for r in e.rows)
+            desc = f"{spec} {k}-shot ({len(part)} docs, {tokens / len(part):.0f} tok/doc)"
+            t0 = time.time()
+            with tqdm(total=len(part), desc=desc, disable=quiet, file=sys.stderr) as bar:
+                trace_examples(engine, part, lm.device, rows_per_batch, tokens_per_batch, bar)
+            for e in part:
+                e.source = spec
+            per_part.append({
+                "task": spec, "num_fewshot": k, "docs": len(part), "tokens": tokens,
+                "seconds": round(time.time() - t0, 1), "sha256": examples_hash(part),
+            })
+            examples.extend(part)
+    if not examples:
+        raise AdaInferError("no examples collected (empty tasks or samples)")
+    meta = {
+        "schema_version": SCHEMA_VERSION,
+        "model": {
+            "name": identity.name, "model_type": identity.model_type, "num_layers": identity.num_layers,
+            "hidden_size": identity.hidden_size, "vocab_size": identity.vocab_size,
+        },
+        "feature_names": list(FEATURE_NAMES),
+        "tasks": task_specs,
+        "shots": shots,
+        "docs_per_task": n_docs,
+        "seed": seed,
+        "fewshot_seed": fewshot_seed,
+        "max_length": lm.max_length,
+        "parts": per_part,
+        "data_sha256": examples_hash(examples),
+        "packages": package_versions(),
+        "seconds": round(time.time() - started, 1),
+    }
+    table = examples_table(examples)
+    table = table.replace_schema_metadata({b"adainfer": json.dumps(meta).encode()})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, out)
+    return meta
+
+
+def read_collection(path: Path) -> tuple[dict, dict]:
+    """(metadata, columns as python lists) of a collected parquet file."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as error:  # noqa: BLE001
+        raise AdaInferError(f"{path}: not a readable feature parquet ({type(error).__name__}: {str(error).splitlines()[0]})") from None
+    raw = (table.schema.metadata or {}).get(b"adainfer")
+    if raw is None:
+        raise AdaInferError(f"{path}: parquet file has no adainfer metadata (not written by adainfer_lmeval.collect)")
+    return json.loads(raw), table.to_pydict()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m adainfer_lmeval.collect", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m", help="short name or model folder")
+    parser.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks or groups (multiple_choice)")
+    parser.add_argument("--shots", default="0", help="comma-separated few-shot counts, e.g. 0,5")
+    parser.add_argument("--docs", type=int, default=100, help="documents sampled per task (group: over all its subtasks); 0 = all")
+    parser.add_argument("--seed", type=int, default=0, help="document sampling seed")
+    parser.add_argument("--fewshot-seed", type=int, default=DEFAULT_FEWSHOT_SEED)
+    parser.add_argument("--rows-per-batch", type=int, default=16)
+    parser.add_argument("--tokens-per-batch", type=int, default=4096)
+    parser.add_argument("--threads", type=int, help="torch threads (1 is faster on a machine shared with other jobs)")
+    parser.add_argument("--out", type=Path, required=True, help="output parquet file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        meta = collect(
+            args.model, [t for t in args.tasks.split(",") if t], [int(s) for s in args.shots.split(",")],
+            args.docs or None, args.out, args.seed, args.fewshot_seed, args.rows_per_batch, args.tokens_per_batch,
+        )
+    except AdaInferError as error:
+        print(f"collect: error: {error}", file=sys.stderr)
+        return 2
+    for p in meta["parts"]:
+        print(f"{p['task']:>22} {p['num_fewshot']}-shot  {p['docs']:4d} docs  {p['tokens']:7d} tokens  {p['seconds']:6.1f}s")
+    print(f"wrote {args.out} ({meta['seconds']}s, data sha256 {meta['data_sha256'][:16]})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
