@@ -43,11 +43,16 @@ class CostModel:
             flops += SOFTMAX_FLOPS_PER_WORD * self.vocab_size * positions
         return flops
 
-    def request(self, tokens: int, exit_layer: int, scored: int, checks: float) -> "ExitRecord":
-        """The record of one request that ran ``exit_layer`` layers over ``tokens`` tokens."""
-        head = self.head_flops(scored)
-        flops = exit_layer * self.layer_flops(tokens) + head + self.head_flops(1, with_softmax=True) * checks
-        full = self.num_layers * self.layer_flops(tokens) + head
+    def request(self, tokens: int, exit_layer: int, scored: int, checks: float, share: int = 1) -> "ExitRecord":
+        """The record of one request that ran ``exit_layer`` layers over ``tokens`` tokens.
+
+        ``share``: requests scored off the same computed row (identical inputs, as with
+        single-token answer choices) split its cost; ``checks`` is this request's part of its
+        group's exit-head evaluations.
+        """
+        rows = (exit_layer * self.layer_flops(tokens) + self.head_flops(scored)) / share
+        flops = rows + self.head_flops(1, with_softmax=True) * checks
+        full = (self.num_layers * self.layer_flops(tokens) + self.head_flops(scored)) / share
         return ExitRecord(float(exit_layer), self.num_layers, flops, full, checks)
 
 

@@ -103,9 +103,11 @@ class EarlyExitEngine:
             if not consult:
                 previous_state = self._remember(previous_state, state, speaker_groups, n_groups)
                 continue
+            check_logits = None
             if features:
                 prev = previous_state[speaker_groups] if previous_state is not None else None
-                feats = compute_features(features, stack.exit_logits(state), state, prev, layer, num_layers)
+                check_logits = stack.exit_logits(state)
+                feats = compute_features(features, check_logits, state, prev, layer, num_layers)
                 history[speaker_groups, layer] = feats.to(history.dtype)
                 checks[speaker_groups] += 1
             if "cosine" in features:
@@ -115,7 +117,13 @@ class EarlyExitEngine:
             if stopped.numel() == 0:
                 continue
             leaving = torch.isin(groups[active], stopped)
-            self._emit(hidden[leaving], active[leaving], layer, spans, exit_layers, logits_out)
+            # A speaker scored at its decision position alone (single-token answers) already
+            # has its exit logits: the check computed them.
+            known = {}
+            if check_logits is not None:
+                speakers = active[speaker_idx].tolist()
+                known = {r: check_logits[k : k + 1] for k, r in enumerate(speakers) if spans[r][1] - spans[r][0] == 1}
+            self._emit(hidden[leaving], active[leaving], layer, spans, exit_layers, logits_out, known)
             hidden, active = hidden[~leaving], active[~leaving]
             if active.numel() == 0:
                 break
@@ -176,16 +184,22 @@ class EarlyExitEngine:
         previous[speaker_groups] = state
         return previous
 
-    def _emit(self, hidden, rows, layer, spans, exit_layers, logits_out):
-        """Exit logits at the scored positions of ``rows``, in one head call."""
-        if rows.numel() == 0:
-            return
+    def _emit(self, hidden, rows, layer, spans, exit_layers, logits_out, known=None):
+        """Exit logits at the scored positions of ``rows``, in one head call (``known``: already computed)."""
         rows = rows.tolist()
-        gathered = torch.cat([hidden[i, spans[r][0] : spans[r][1]] for i, r in enumerate(rows)])
+        known = known or {}
+        for r in rows:
+            exit_layers[r] = layer
+        todo = [(i, r) for i, r in enumerate(rows) if r not in known]
+        for r in rows:
+            if r in known:
+                logits_out[r] = known[r]
+        if not todo:
+            return
+        gathered = torch.cat([hidden[i, spans[r][0] : spans[r][1]] for i, r in todo])
         logits = self.stack.exit_logits(gathered)
         offset = 0
-        for r in rows:
+        for _, r in todo:
             start, end = spans[r]
             logits_out[r] = logits[offset : offset + end - start]
-            exit_layers[r] = layer
             offset += end - start

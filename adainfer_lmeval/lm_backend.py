@@ -132,22 +132,28 @@ class AdaInferLM(HFLM):
             decisions.append(len(tokens) - len(continuation_enc))
 
         # Requests with the same tokens up to the decision position (the choices of one
-        # question) form a group and share one exit decision.
-        group_ids: dict[tuple, int] = {}
-        members: dict[int, list[int]] = defaultdict(list)
+        # question) form a group and share one exit decision. Within a group, requests whose
+        # input rows are identical (single-token choices: the row is just the context) share one
+        # row, as HFLM's logits cache does: it is computed once and scored per continuation.
+        group_rows: dict[tuple, dict[tuple, list[int]]] = defaultdict(dict)
         for i, (tokens, decision) in enumerate(zip(rows, decisions)):
-            members[group_ids.setdefault(tuple(tokens[: decision + 1]), len(group_ids))].append(i)
+            group_rows[tuple(tokens[: decision + 1])].setdefault(tuple(tokens), []).append(i)
         # Longest first, like HFLM: the first batch is the largest, so memory trouble shows early.
-        ordered = sorted(members.values(), key=lambda m: -max(len(rows[i]) for i in m))
+        ordered = sorted(
+            (list(unique.values()) for unique in group_rows.values()),
+            key=lambda group: -max(len(rows[sharers[0]]) for sharers in group),
+        )
 
         batch_size = self._rows_per_batch(override_bs)
         results: list[ScoredContinuation | None] = [None] * len(requests)
         pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="Running loglikelihood requests (adainfer)")
         for batch_groups in _pack(ordered, batch_size):
-            index = [i for group in batch_groups for i in group]
+            # one entry per computed row: the requests that share it
+            row_sharers = [sharers for group in batch_groups for sharers in group]
             local_group = [g for g, group in enumerate(batch_groups) for _ in group]
             batch = ExitBatch.from_rows(
-                [rows[i] for i in index], [decisions[i] for i in index], local_group, device=self.device
+                [rows[sharers[0]] for sharers in row_sharers], [decisions[sharers[0]] for sharers in row_sharers],
+                local_group, device=self.device,
             )
             with torch.autocast(
                 device_type=self.device.type,
@@ -155,22 +161,24 @@ class AdaInferLM(HFLM):
                 enabled=self.mixed_precision_dtype is not None,
             ):
                 out = self.engine.run(batch)
-            sizes = [len(group) for group in batch_groups for _ in group]
-            for j, i in enumerate(index):
-                request_str, _, continuation_enc = requests[i]
+            group_requests = [sum(len(s) for s in group) for group in batch_groups for _ in group]
+            for j, sharers in enumerate(row_sharers):
                 logprobs = F.log_softmax(out.logits[j], dim=-1, dtype=self.softmax_dtype)
-                cont = torch.tensor(continuation_enc, dtype=torch.long, device=logprobs.device)
-                is_greedy = bool((logprobs.argmax(dim=-1) == cont).all())
-                logprob = float(logprobs.gather(1, cont.unsqueeze(1)).sum())
-                record = self.costs.request(
-                    tokens=len(rows[i]), exit_layer=out.exit_layers[j],
-                    scored=len(continuation_enc), checks=out.checks[j] / sizes[j],
-                )
-                answer = ScoredContinuation(logprob, is_greedy, record)
-                results[i] = answer
-                if request_str is not None:
-                    self.cache_hook.add_partial("loglikelihood", request_str, answer)
-                pbar.update(1)
+                greedy = logprobs.argmax(dim=-1)
+                for i in sharers:
+                    request_str, _, continuation_enc = requests[i]
+                    cont = torch.tensor(continuation_enc, dtype=torch.long, device=logprobs.device)
+                    is_greedy = bool((greedy == cont).all())
+                    logprob = float(logprobs.gather(1, cont.unsqueeze(1)).sum())
+                    record = self.costs.request(
+                        tokens=len(rows[i]), exit_layer=out.exit_layers[j], scored=len(continuation_enc),
+                        checks=out.checks[j] / group_requests[j], share=len(sharers),
+                    )
+                    answer = ScoredContinuation(logprob, is_greedy, record)
+                    results[i] = answer
+                    if request_str is not None:
+                        self.cache_hook.add_partial("loglikelihood", request_str, answer)
+                    pbar.update(1)
         pbar.close()
         if self._window_records is not None:  # inside loglikelihood_rolling: windows in order
             self._window_records.extend(r.exit for r in results)
@@ -219,8 +227,8 @@ class AdaInferLM(HFLM):
         return out
 
 
-def _pack(groups: list[list[int]], rows_per_batch: int):
-    """Batches of whole groups, about ``rows_per_batch`` rows each (a big group goes alone)."""
+def _pack(groups: list[list], rows_per_batch: int):
+    """Batches of whole groups (lists of rows), about ``rows_per_batch`` rows each (a big group goes alone)."""
     batch, size = [], 0
     for group in groups:
         if batch and size + len(group) > rows_per_batch:

@@ -124,3 +124,24 @@ def test_bfloat16_full_depth_matches_hf_backend(tiny_model_dirs, arch):
     reference = [lp for lp, _ in hf.loglikelihood(_loglikelihood_requests())]
     # bf16 keeps ~3 significant digits; the two paths differ only in where the head is applied.
     assert ours == pytest.approx(reference, rel=2e-2, abs=5e-2)
+
+
+def test_identical_inputs_run_once_like_hflm_logits_cache(tiny_model_dirs):
+    """Single-token choices of one context share one computed row (HFLM's logits cache does too)."""
+    ada = _lm(AdaInferLM, tiny_model_dirs["llama"], batch_size=16, policy="full")
+    rows_seen = []
+    run = ada.engine.run
+    ada.engine.run = lambda batch: rows_seen.append(batch.input_ids.shape[0]) or run(batch)
+    contexts = CONTEXTS[:2]
+    candidates = [" the", " a", " that", " is", " film", " dog", " yes", " no", " fox", " lazy"]
+    choices = [c for c in candidates if len(ada.tok_encode(c)) == 1][:3]
+    assert len(choices) == 3, "the tiny tokenizer should have single-token words"
+    requests = [Instance("loglikelihood", {}, (ctx, ch), idx=0) for ctx in contexts for ch in choices]
+    answers = ada.loglikelihood(requests)
+    assert sum(rows_seen) == len(contexts)
+    hf = _lm(HFLM, tiny_model_dirs["llama"], batch_size=16)
+    assert [a[0] for a in answers] == pytest.approx([r[0] for r in hf.loglikelihood(requests)], abs=1e-4)
+    # The shared row's cost is split among its requests.
+    assert sum(a.exit.full_flops for a in answers) == pytest.approx(
+        sum(ada.costs.request(len(ada.tok_encode(c)), 4, 1, 0).full_flops for c in contexts)
+    )

@@ -1,0 +1,83 @@
+"""Smoke test of the wall-clock benchmark's machinery on a tiny random model (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers as tf
+
+from adainfer_lmeval import benchmark as bm
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dirs):
+    folder = tiny_model_dirs["llama"]
+    return tf.AutoModelForCausalLM.from_pretrained(folder).eval(), tf.AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture
+def one_thread():
+    # Tiny matrices gain nothing from threads, and OpenMP threads spin badly when the CPUs
+    # are shared (a 4x4 matmul then takes ~20 ms): one thread keeps this test at seconds.
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def test_benchmark_table_on_tiny_model(tiny, tmp_path, one_thread):
+    model, tokenizer = tiny
+    requests = bm.synthetic_requests(tokenizer, n_docs=3, choices=2)
+    variants = [bm.Variant("hf"), bm.Variant("full"), bm.Variant("threshold", {"gap": 0.1, "min_layer": 2})]
+    res = bm.benchmark_model("tiny-llama", model, tokenizer, requests, variants, batch_sizes=[1, 4], repeats=2,
+                             decision_tokens=16, min_run_time=0.01, log=lambda *_: None)
+
+    rows = res["rows"]
+    assert [(r["batch"], r["variant"]) for r in rows] == [
+        (bs, v) for bs in (1, 4) for v in ("hf", "full", "threshold(gap=0.1,min_layer=2)")
+    ]
+    for r in rows:
+        assert len(r["times_s"]) == 2 and r["requests"] == len(requests)
+        assert r["time_vs_hf"] is not None
+        if r["variant"] == "hf":
+            assert r["ideal_speedup"] is None and r["measured_speedup"] is None
+        else:
+            assert r["measured_speedup"] > 0 and r["measured_over_ideal"] > 0
+        if r["variant"] == "full":
+            assert r["ideal_speedup"] == 1.0
+            assert r["mean_layers"] == res["num_layers"] == 4
+        if r["variant"].startswith("threshold"):
+            assert 1 <= r["mean_layers"] <= 4
+    # policy=full through the engine scores exactly what lm-eval's hf backend scores
+    assert res["max_abs_logprob_diff_full_vs_hf"] < 1e-4
+    d = res["decision_cost"]
+    assert d["tokens"] == 16 and d["layer_ms"] > 0 and d["decision_ms"] > 0 and d["decision_pct_of_layer"] > 0
+    assert set(res["breakdown"]) == {f"{v}@{bs}" for bs in (1, 4) for v in ("full", "threshold(gap=0.1,min_layer=2)")}
+    full_breakdown = res["breakdown"]["full@1"]
+    assert full_breakdown["calls"]["checks"] == 0 and full_breakdown["calls"]["layer_calls"] > 0
+
+    table = bm.table_rows([res])
+    assert len(table) == 6 and all(len(row) == len(bm.COLUMNS) for row in table)
+    full_rows = [row for row in table if row[2] == "full"]
+    assert all(row[bm.COLUMNS.index("ideal speedup")] == "1.00" for row in full_rows)
+    text = bm.format_tables([res])
+    for column in bm.COLUMNS:
+        assert column in text
+
+    payload = {"environment": bm.environment(),
+               "machine_state": {"quiet": True, "quiet_throughout": False, "waited_s": 0.0, "load_at_start": 0.5,
+                                 "max_load": 1.0},
+               "requests_per_task": {"tiny": len(requests)}, "batch_sizes": [1, 4], "repeats": 2, "results": [res]}
+    bm.write_report(tmp_path, payload)
+    assert json.loads((tmp_path / "benchmark.json").read_text())["results"][0]["model"] == "tiny-llama"
+    assert "TAKEN UNDER LOAD" in (tmp_path / "benchmark.md").read_text()
+
+
+def test_variants_skip_missing_svm(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADAINFER_POLICIES", str(tmp_path))  # no shipped policies here
+    messages = []
+    labels = [v.label for v in bm.variants_for("smollm2-135m", log=messages.append)]
+    assert labels == ["hf", "full", "threshold(gap=0.6,min_layer=20)"]
+    assert messages and "svm" in messages[0]
