@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import AdaInferError
+from .pypi import package_versions
 from .features import FEATURE_NAMES
 
 SCHEMA_VERSION = 1
@@ -59,19 +60,6 @@ class Example:
     features: list[list[float]] = field(default_factory=list)  # [L][F]
     top1: list[int] = field(default_factory=list)  # [L]
     option_ll: list[list[float]] = field(default_factory=list)  # [L][options]
-
-
-def package_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("adainfer-lmeval", "torch", "transformers", "lm-eval", "scikit-learn", "sklearn-crfsuite", "python-crfsuite"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    out["python"] = sys.version.split()[0]
-    return out
 
 
 def load_tasks(task_names: list[str]) -> dict:

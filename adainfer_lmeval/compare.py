@@ -42,7 +42,7 @@ def main(argv: list[str]) -> int:
     model = str(args.pop("pretrained", "smollm2-135m"))
     policy = ",".join([str(args.pop("policy", FULL))] + [f"{k}={v}" for k, v in args.items()])
     suite = Suite(models=[model], policies={model: [] if policy == FULL else [policy]},
-                  tasks=[TaskSpec(t, limit, a.num_fewshot) for t, limit in zip(tasks, limits)],
+                  tasks={model: [TaskSpec(t, limit, a.num_fewshot) for t, limit in zip(tasks, limits)]},
                   batch_size=a.batch_size, device=a.device)
     out = Path(a.output_path)
     rows = compare_rows(load_runs(run_suite(suite, out)))

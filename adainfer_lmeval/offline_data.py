@@ -825,7 +825,7 @@ def fetch_data(include_train: bool = True) -> Path:
             continue
         print(f"  {config.describe()}: " + ", ".join(f"{s} {n:,}" for s, n in sorted(rows.items())), flush=True)
     if any(c.repo_id == "cais/mmlu" for c in todo):
-        print(f"  cais/mmlu (57 subjects): " + ", ".join(f"{s} {n:,}" for s, n in mmlu_rows.items()))
+        print("  cais/mmlu (57 subjects): " + ", ".join(f"{s} {n:,}" for s, n in mmlu_rows.items()))
         if mmlu_rows != MMLU_TOTALS:
             raise AdaInferError(f"MMLU row totals {mmlu_rows} differ from the official {MMLU_TOTALS}")
     tasks_dir()

@@ -43,3 +43,17 @@ def pip_download(requirements: list[str], dest: Path, log=print) -> None:
         raise AdaInferError(
             f"pip could not download {', '.join(requirements)} ({last}); check access to PyPI and try again"
         )
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of what a result depends on, recorded beside every run, policy and report."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("adainfer-lmeval", "torch", "transformers", "lm-eval", "scikit-learn", "sklearn-crfsuite", "python-crfsuite"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    out["python"] = sys.version.split()[0]
+    return out

@@ -4,7 +4,7 @@ A suite file (JSON or YAML) names what to run::
 
     models: [smollm2-135m]
     policies: ["threshold,gap=0.6,min_layer=20", "threshold,gap=0.8,min_layer=20"]
-    # or per model: policies: {smollm2-135m: [...], qwen2.5-coder-0.5b: [...]}
+    # or per model: policies: {smollm2-135m: [...], qwen2.5-coder-0.5b: [...]}, and tasks likewise
     tasks:
       - {name: sst2, limit: 200}
       - {name: mmlu, limit: 1, num_fewshot: 0}
@@ -20,13 +20,13 @@ run of it, so full depth and early exit are timed in the same process on the sam
 from __future__ import annotations
 
 import json
-import platform
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import AdaInferError
+from .pypi import package_versions
 
 FULL = "full"
 
@@ -42,7 +42,7 @@ class TaskSpec:
 class Suite:
     models: list[str]
     policies: dict[str, list[str]]  # model -> policies (besides full depth, which always runs)
-    tasks: list[TaskSpec]
+    tasks: dict[str, list[TaskSpec]]  # model -> tasks
     batch_size: int = 8
     device: str = "cpu"
     extra_model_args: dict = field(default_factory=dict)
@@ -53,9 +53,15 @@ class Suite:
         stray = sorted(set(spec) - known)
         if stray:
             raise AdaInferError(f"suite: unknown key(s) {', '.join(stray)}; known: {', '.join(sorted(known))}")
-        tasks = [TaskSpec(**t) if isinstance(t, dict) else TaskSpec(str(t)) for t in spec.get("tasks", [])]
-        if not spec.get("models") or not tasks:
-            raise AdaInferError("suite: needs at least one model and one task")
+        def task_list(items):
+            return [TaskSpec(**t) if isinstance(t, dict) else TaskSpec(str(t)) for t in items]
+
+        tasks = spec.get("tasks", [])
+        if not isinstance(tasks, dict):  # one list for every model
+            tasks = {model: tasks for model in spec.get("models", [])}
+        tasks = {model: task_list(tasks.get(model, [])) for model in spec.get("models", [])}
+        if not spec.get("models") or not all(tasks.values()):
+            raise AdaInferError("suite: needs at least one model, and tasks for every model")
         from lm_eval.utils import simple_parse_args_string
 
         policies = spec.get("policies", [])
@@ -109,13 +115,6 @@ def _compact_samples(samples: dict) -> dict:
     }
 
 
-def package_versions() -> dict:
-    from importlib.metadata import version
-
-    return {p: version(p) for p in ("torch", "transformers", "lm_eval", "adainfer-lmeval")} | {
-        "python": platform.python_version()}
-
-
 def run_suite(suite: Suite, out: Path, log=print) -> list[Path]:
     """Run what is missing; return every run file of the suite (done now or before)."""
     import lm_eval
@@ -129,7 +128,7 @@ def run_suite(suite: Suite, out: Path, log=print) -> list[Path]:
     from .offline_data import check_tasks_available, configure_offline_environment, tasks_dir
 
     configure_offline_environment()
-    check_tasks_available([t.name for t in suite.tasks])
+    check_tasks_available([t.name for ts in suite.tasks.values() for t in ts])
     for policy in {p for ps in suite.policies.values() for p in ps}:  # refuse bad policies before loading
         name, _, rest = policy.partition(",")
         from lm_eval.utils import simple_parse_args_string
@@ -138,11 +137,11 @@ def run_suite(suite: Suite, out: Path, log=print) -> list[Path]:
 
     manager = None
     files = []
-    total = sum(len(suite.tasks) * (1 + len(suite.policies[m])) for m in suite.models)
+    total = sum(len(suite.tasks[m]) * (1 + len(suite.policies[m])) for m in suite.models)
     done = 0
     for model_name in suite.models:
         todo = []
-        for task in suite.tasks:
+        for task in suite.tasks[model_name]:
             for policy in [FULL, *suite.policies[model_name]]:
                 path = run_path(out, model_name, task, policy)
                 files.append(path)

@@ -43,6 +43,7 @@ import numpy as np
 
 from .errors import AdaInferError
 from .features import FEATURE_NAMES
+from .pypi import package_versions
 from .learned_policies import CRF_MAGIC, FORMAT, FORMAT_VERSION, CrfScorer, crf_item, sha256_bytes
 
 DEFAULT_TASKS = (
@@ -289,12 +290,6 @@ def best_static_layer(data: Data, tolerance: float) -> dict:
 
 
 # ---- writing policy files --------------------------------------------------------------------
-
-
-def package_versions() -> dict:
-    from .collect import package_versions as versions
-
-    return versions()
 
 
 def policy_meta(kind: str, data: Data, params: dict, point: dict, features: list[str], label: dict,
