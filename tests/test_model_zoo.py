@@ -249,7 +249,7 @@ def test_list_and_cli_list(fake_pipeline, cache, capsys):
     rows = {r["name"]: r for r in mz.list_models()}
     assert rows["fake-tiny"]["fetched"] and rows["fake-tiny"]["size_bytes"] > 0
     assert not rows["smollm2-135m"]["fetched"]  # fresh cache root
-    assert rows["qwen2.5-coder-1.5b"]["tested"] is False
+    assert rows["qwen2.5-coder-1.5b"]["tested"] is True
     assert mz.main(["list"]) == 0
     out = capsys.readouterr().out
     for name in ("smollm2-135m (default)", "gemma3-270m", "qwen2.5-coder-0.5b", "fake-tiny", "size on disk"):
