@@ -101,6 +101,7 @@ def compare_run(full: dict, early: dict) -> dict:
     at_chance = chance is not None and full_se is not None and full_value - chance < 2 * full_se
     requests = stats["requests"]
     seconds_full, seconds_early = full["adainfer"]["seconds"], early["adainfer"]["seconds"]
+    timed = seconds_early is not None  # the oracle is computed in hindsight, not timed
     return {
         "model": early["settings"]["model"],
         "task": task,
@@ -120,8 +121,8 @@ def compare_run(full: dict, early: dict) -> dict:
         "layers_saved_pct": stats["layers_saved_pct"],
         "flops_saved_pct": stats["flops_saved_pct"],
         "ms_per_request_full": 1000 * seconds_full / max(requests, 1),
-        "ms_per_request_early_exit": 1000 * seconds_early / max(requests, 1),
-        "speedup": seconds_full / seconds_early if seconds_early else None,
+        "ms_per_request_early_exit": 1000 * seconds_early / max(requests, 1) if timed else None,
+        "speedup": seconds_full / seconds_early if timed and seconds_early else None,
         "at_chance": at_chance,
         "exit_layer_histogram": stats.get("exit_layer_histogram", {}),
     }
@@ -135,13 +136,15 @@ def macro_average(rows: list[dict]) -> list[dict]:
         groups.setdefault((r["model"], r["policy"]), []).append(r)  # over tasks and shot settings
     for (model, policy), members in groups.items():
         mean = lambda k: sum(m[k] for m in members) / len(members)  # noqa: E731
+        timed = all(m["ms_per_request_early_exit"] for m in members)
         out.append({
             "model": model, "task": "macro-average", "policy": policy, "metric": "", "documents": sum(m["documents"] for m in members),
             "chance": None, "full": mean("full"), "early_exit": mean("early_exit"), "delta": mean("delta"),
             "delta_stderr": None, "mean_layers": mean("mean_layers"), "num_layers": members[0]["num_layers"],
             "layers_saved_pct": mean("layers_saved_pct"), "flops_saved_pct": mean("flops_saved_pct"),
-            "ms_per_request_full": mean("ms_per_request_full"), "ms_per_request_early_exit": mean("ms_per_request_early_exit"),
-            "speedup": mean("ms_per_request_full") / mean("ms_per_request_early_exit") if mean("ms_per_request_early_exit") else None,
+            "ms_per_request_full": mean("ms_per_request_full"),
+            "ms_per_request_early_exit": mean("ms_per_request_early_exit") if timed else None,
+            "speedup": mean("ms_per_request_full") / mean("ms_per_request_early_exit") if timed else None,
             "at_chance": any(m["at_chance"] for m in members), "requests": sum(m["requests"] for m in members),
         })
     return out
@@ -158,7 +161,8 @@ def _cells(r: dict) -> list:
     shots = "default" if r.get("num_fewshot") is None else r["num_fewshot"]
     return [r["model"], r["task"], shots if r["task"] != "macro-average" else "", r["policy"], r["documents"], r["metric"], pct(r["chance"]), pct(r["full"]),
             pct(r["early_exit"]), delta, f"{r['mean_layers']:.1f}/{r['num_layers']}", f"{r['layers_saved_pct']:.1f}",
-            f"{r['flops_saved_pct']:.1f}", f"{r['ms_per_request_full']:.1f}", f"{r['ms_per_request_early_exit']:.1f}",
+            f"{r['flops_saved_pct']:.1f}", f"{r['ms_per_request_full']:.1f}",
+            f"{r['ms_per_request_early_exit']:.1f}" if r["ms_per_request_early_exit"] is not None else "(hindsight)",
             f"{r['speedup']:.2f}x" if r["speedup"] else "-", note]
 
 
@@ -200,7 +204,7 @@ def plot_tradeoff(rows: list[dict], path: Path) -> None:
             points.sort(key=lambda r: r["layers_saved_pct"])
             xs = [r["layers_saved_pct"] for r in points]
             ys = [100 * r["early_exit"] for r in points]
-            ax.plot(xs, ys, marker="o", label=family if len(points) == 1 else f"{family} sweep")
+            ax.plot(xs, ys, marker="D" if family == "oracle" else "o", label=family if len(points) == 1 else f"{family} sweep")
         if members[0]["chance"] is not None:
             ax.axhline(100 * members[0]["chance"], color="grey", linestyle=":", label="chance")
         label = f"{model} / {task}" + (f" / {shots}-shot" if shots is not None else "")

@@ -29,6 +29,7 @@ from .errors import AdaInferError
 from .pypi import package_versions
 
 FULL = "full"
+ORACLE = "oracle"  # not a policy: the earliest layer after which each answer never changes (hindsight)
 
 
 @dataclass
@@ -129,7 +130,7 @@ def run_suite(suite: Suite, out: Path, log=print) -> list[Path]:
 
     configure_offline_environment()
     check_tasks_available([t.name for ts in suite.tasks.values() for t in ts])
-    for policy in {p for ps in suite.policies.values() for p in ps}:  # refuse bad policies before loading
+    for policy in {p for ps in suite.policies.values() for p in ps} - {ORACLE}:  # refuse bad ones before loading
         name, _, rest = policy.partition(",")
         from lm_eval.utils import simple_parse_args_string
 
@@ -177,20 +178,23 @@ def run_suite(suite: Suite, out: Path, log=print) -> list[Path]:
             done += 1
             log(f"[suite] {done}/{total} {model_name} {task.name} {policy}: running")
             started = time.time()
-            results = lm_eval.simple_evaluate(
-                model=backend(policy), tasks=[task.name], limit=task.limit, num_fewshot=task.num_fewshot,
-                log_samples=True, task_manager=manager, bootstrap_iters=1000,
-            )
-            record = {
-                "settings": settings,
-                "results": results["results"],
-                "group_subtasks": results.get("group_subtasks", {}),
-                "n-shot": results.get("n-shot", {}),
-                "adainfer": results["adainfer"],
-                "samples": _compact_samples(results.get("samples", {})),
-                "versions": package_versions(),
-                "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            }
+            if policy == ORACLE:
+                from .oracle import oracle_run
+
+                record = oracle_run(backend(FULL), task.name, task.limit, task.num_fewshot)
+            else:
+                results = lm_eval.simple_evaluate(
+                    model=backend(policy), tasks=[task.name], limit=task.limit, num_fewshot=task.num_fewshot,
+                    log_samples=True, task_manager=manager, bootstrap_iters=1000,
+                )
+                record = {
+                    "results": results["results"],
+                    "group_subtasks": results.get("group_subtasks", {}),
+                    "n-shot": results.get("n-shot", {}),
+                    "adainfer": results["adainfer"],
+                    "samples": _compact_samples(results.get("samples", {})),
+                }
+            record.update(settings=settings, versions=package_versions(), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(record, indent=1, default=handle_non_serializable))

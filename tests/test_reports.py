@@ -85,3 +85,25 @@ def test_a_run_without_its_baseline_is_refused(ci_runs):
     early_only = [f for f in files if f.name != "full.json"]
     with pytest.raises(AdaInferError, match="no full-depth run"):
         compare_rows(load_runs(early_only))
+
+
+def test_oracle_keeps_full_depth_answers_at_its_exit_layers(ci_runs):
+    _, files = ci_runs
+    runs = {r["settings"]["policy"]: r for r in load_runs(files)}
+    oracle, full = runs["oracle"], runs["full"]
+    assert oracle["results"]["sst2"]["acc,none"] == pytest.approx(full["results"]["sst2"]["acc,none"])
+    full_choice = {s["doc_id"]: max(range(2), key=s["loglikelihoods"].__getitem__) for s in full["samples"]["sst2"]}
+    for s in oracle["samples"]["sst2"]:
+        # the exit layer's answer is the full-depth answer (read off the exit layer's log-probs)
+        assert max(range(2), key=s["loglikelihoods"].__getitem__) == full_choice[s["doc_id"]]
+    row = next(r for r in compare_rows(list(runs.values())) if r["policy"] == "oracle")
+    assert row["delta"] == pytest.approx(0.0) and row["speedup"] is None
+
+
+def test_oracle_layer_is_where_the_answer_stops_changing():
+    from adainfer_lmeval.oracle import oracle_layer
+
+    assert oracle_layer([0, 1, 1, 1]) == 2
+    assert oracle_layer([1, 1, 1, 1]) == 1
+    assert oracle_layer([1, 1, 0, 1]) == 4
+    assert oracle_layer([0, 1, 0, 0]) == 3
