@@ -8,7 +8,7 @@ positions only. Both use 2 FLOPs per multiply-add and ignore norms and elementwi
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 SOFTMAX_FLOPS_PER_WORD = 5  # exp, sum, divide, and a top-2 scan over the vocabulary
 
@@ -66,9 +66,6 @@ class ExitRecord:
     full_flops: float
     checks: float = 0.0  # exit-head evaluations charged to this request
     full_depth_generation: bool = False  # generated at full depth (no early exit yet)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     @staticmethod
     def merge(records: list["ExitRecord"]) -> "ExitRecord":

@@ -116,6 +116,14 @@ def _compact_samples(samples: dict) -> dict:
     }
 
 
+def _policy_args(suite: Suite, policy: str) -> tuple[str, dict]:
+    """``"threshold,gap=0.6"`` -> ("threshold", {"gap": 0.6, **the suite's model_args})."""
+    from lm_eval.utils import simple_parse_args_string
+
+    name, _, rest = policy.partition(",")
+    return name, {**suite.extra_model_args, **simple_parse_args_string(rest)}
+
+
 def run_suite(suite: Suite, out: Path, log=print) -> list[Path]:
     """Run what is missing; return every run file of the suite (done now or before)."""
     import lm_eval
@@ -131,10 +139,7 @@ def run_suite(suite: Suite, out: Path, log=print) -> list[Path]:
     configure_offline_environment()
     check_tasks_available([t.name for ts in suite.tasks.values() for t in ts])
     for policy in {p for ps in suite.policies.values() for p in ps} - {ORACLE}:  # refuse bad ones before loading
-        name, _, rest = policy.partition(",")
-        from lm_eval.utils import simple_parse_args_string
-
-        split_model_args(name, {**suite.extra_model_args, **simple_parse_args_string(rest)})
+        split_model_args(*_policy_args(suite, policy))
 
     manager = None
     files = []
@@ -163,10 +168,7 @@ def run_suite(suite: Suite, out: Path, log=print) -> list[Path]:
 
         def backend(policy: str) -> AdaInferLM:
             if policy not in backends:
-                name, _, rest = policy.partition(",")
-                from lm_eval.utils import simple_parse_args_string
-
-                args = {**suite.extra_model_args, **simple_parse_args_string(rest)}
+                name, args = _policy_args(suite, policy)
                 backends[policy] = AdaInferLM(pretrained=model, tokenizer=tokenizer, policy=name,
                                               device=suite.device, batch_size=suite.batch_size, **args)
             return backends[policy]
