@@ -20,15 +20,22 @@ class CostModel:
     attention_width: int  # heads × head_dim
     head_params: int  # weights multiplied per position by the exit head
     vocab_size: int
+    kv_params: int = 0  # weights multiplied per token to fill one skipped layer's keys/values
+    hidden_size: int = 0
+    check_vocab: int | None = None  # K of a pruned-vocabulary check (see .checks); None: full head
+
 
     @classmethod
-    def from_stack(cls, stack) -> "CostModel":
+    def from_stack(cls, stack, check_vocab: int | None = None) -> "CostModel":
         return cls(
             num_layers=stack.num_layers,
             layer_params=stack.layer_matmul_params(),
             attention_width=stack.attention_width(),
             head_params=stack.head_matmul_params(),
             vocab_size=stack.vocab_size,
+            kv_params=stack.kv_matmul_params(),
+            hidden_size=stack.hidden_size,
+            check_vocab=check_vocab,
         )
 
     def layer_flops(self, tokens: int) -> float:
@@ -37,13 +44,26 @@ class CostModel:
         attention = 2 * 2 * self.attention_width * tokens * (tokens + 1) / 2  # QK^T and AV
         return projections + attention
 
+    def step_flops(self, context: int) -> float:
+        """One decoder layer for one new token attending to ``context`` earlier tokens (cached)."""
+        return 2 * self.layer_params + 2 * 2 * self.attention_width * (context + 1)
+
     def head_flops(self, positions: int, with_softmax: bool = False) -> float:
         flops = 2 * self.head_params * positions
         if with_softmax:
             flops += SOFTMAX_FLOPS_PER_WORD * self.vocab_size * positions
         return flops
 
-    def request(self, tokens: int, exit_layer: int, scored: int, checks: float, share: int = 1) -> "ExitRecord":
+    def check_flops(self, checks: float, pruned: float = 0.0) -> float:
+        """``checks`` exit checks, ``pruned`` of them over ``check_vocab`` tokens (K head rows)."""
+        full = self.head_flops(1, with_softmax=True) * (checks - pruned)
+        if not pruned:
+            return full
+        k = self.check_vocab or self.vocab_size
+        extra = self.head_params - self.vocab_size * self.hidden_size  # OPT's project_out, if any
+        return full + pruned * (2 * (k * self.hidden_size + extra) + SOFTMAX_FLOPS_PER_WORD * k)
+
+    def request(self, tokens: int, exit_layer: int, scored: int, checks: float, share: int = 1, pruned: float = 0.0) -> "ExitRecord":
         """The record of one request that ran ``exit_layer`` layers over ``tokens`` tokens.
 
         ``share``: requests scored off the same computed row (identical inputs, as with
@@ -51,9 +71,34 @@ class CostModel:
         group's exit-head evaluations.
         """
         rows = (exit_layer * self.layer_flops(tokens) + self.head_flops(scored)) / share
-        flops = rows + self.head_flops(1, with_softmax=True) * checks
+        flops = rows + self.check_flops(checks, pruned)
         full = (self.num_layers * self.layer_flops(tokens) + self.head_flops(scored)) / share
         return ExitRecord(float(exit_layer), self.num_layers, flops, full, checks)
+
+
+    def generation(self, prompt_tokens: int, exit_layers: list[int], checks: list[int], pruned: list[int] | None = None) -> "ExitRecord":
+        """The record of one generation request: the prompt, then one step per generated token.
+
+        The prompt's tokens but the last run every layer (later tokens attend to them
+        everywhere). Step t feeds one token (the last prompt token, then each generated one)
+        with ``prompt_tokens - 1 + t`` tokens before it in the cache: it runs its exit layer's
+        layers, fills the keys/values of the layers it skipped, pays the exit head and softmax
+        per check, and the head once more only when it ran to the last layer.
+        """
+        prefill = self.num_layers * self.layer_flops(prompt_tokens - 1) if prompt_tokens > 1 else 0.0
+        flops = full = prefill
+        pruned = pruned or [0] * len(checks)
+        for step, (layer, check, pruned_check) in enumerate(zip(exit_layers, checks, pruned)):
+            per_layer = self.step_flops(prompt_tokens - 1 + step)
+            flops += layer * per_layer + (self.num_layers - layer) * 2 * self.kv_params
+            flops += self.check_flops(check, pruned_check)
+            # the head once more where no full check's logits could serve: at the last layer,
+            # and at an exit whose check was pruned
+            flops += self.head_flops(1) if layer == self.num_layers or pruned_check else 0.0
+            full += self.num_layers * per_layer + self.head_flops(1)
+        tokens = len(exit_layers)
+        mean = sum(exit_layers) / tokens if tokens else float(self.num_layers)
+        return ExitRecord(mean, self.num_layers, flops, full, float(sum(checks)), tokens=tokens, token_layers=tuple(exit_layers))
 
 
 @dataclass
@@ -65,7 +110,9 @@ class ExitRecord:
     flops: float
     full_flops: float
     checks: float = 0.0  # exit-head evaluations charged to this request
-    full_depth_generation: bool = False  # generated at full depth (no early exit yet)
+    full_depth_generation: bool = False  # generated at full depth by model.generate (sampling)
+    tokens: int = 0  # generated tokens (generation requests only)
+    token_layers: tuple = ()  # per generated token: its exit layer
 
     @staticmethod
     def merge(records: list["ExitRecord"]) -> "ExitRecord":
@@ -77,22 +124,30 @@ class ExitRecord:
             full_flops=sum(r.full_flops for r in records),
             checks=sum(r.checks for r in records),
             full_depth_generation=any(r.full_depth_generation for r in records),
+            tokens=sum(r.tokens for r in records),
+            token_layers=tuple(layer for r in records for layer in r.token_layers),
         )
 
 
 def summarize(records: list[ExitRecord]) -> dict:
-    """Per-task figures: requests, mean layers used, % layers saved, % FLOPs saved."""
+    """Per-task figures: requests, mean layers used, % layers saved, % FLOPs saved.
+
+    For generation the unit is the generated token: mean layers, layers saved and the
+    histogram count token-layers (a 40-token answer weighs 40 times a 1-token one).
+    """
     if not records:
         return {"requests": 0}
     num_layers = records[0].num_layers
-    mean_layers = sum(r.layers for r in records) / len(records)
+    per_token = [layer for r in records for layer in r.token_layers]
+    units = per_token if per_token else [r.layers for r in records]
+    mean_layers = sum(units) / len(units)
     flops = sum(r.flops for r in records)
     full = sum(r.full_flops for r in records)
     histogram: dict[str, int] = {}
-    for r in records:
-        key = str(int(r.layers)) if float(r.layers).is_integer() else f"{r.layers:.2f}"
+    for layers in units:
+        key = str(int(layers)) if float(layers).is_integer() else f"{layers:.2f}"
         histogram[key] = histogram.get(key, 0) + 1
-    return {
+    summary = {
         "requests": len(records),
         "num_layers": num_layers,
         "mean_layers": mean_layers,
@@ -101,3 +156,6 @@ def summarize(records: list[ExitRecord]) -> dict:
         "exit_layer_histogram": dict(sorted(histogram.items(), key=lambda kv: float(kv[0]))),
         "full_depth_generation": any(r.full_depth_generation for r in records),
     }
+    if per_token:
+        summary["generated_tokens"] = len(per_token)
+    return summary

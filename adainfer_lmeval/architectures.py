@@ -12,6 +12,7 @@ qwen2, and SmolLM2, which is llama), Gemma-3 text, GPT-2 and OPT.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,15 @@ class LayerInputs:
     position_ids: torch.Tensor
     masks: list[Any]  # one attention mask per layer (None: the causal fast path)
     position_embeddings: list[Any] = field(default_factory=list)  # one per layer (rotary only)
+
+    def select(self, rows: torch.Tensor) -> "LayerInputs":
+        """The same inputs for a subset of the batch rows (rows that leave stop needing them)."""
+        pick = lambda x: None if x is None else x[rows]  # noqa: E731
+        return LayerInputs(
+            position_ids=self.position_ids[rows],
+            masks=[pick(m) for m in self.masks],
+            position_embeddings=[(cos[rows], sin[rows]) for cos, sin in self.position_embeddings],
+        )
 
 
 class DecoderStack:
@@ -74,13 +84,18 @@ class DecoderStack:
 
     # ---- the pieces of the forward pass -------------------------------------------------
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Layer-0 hidden states, exactly as the model's forward builds them."""
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Layer-0 hidden states, exactly as the model's forward builds them.
+
+        ``positions`` ([rows, T]; default 0..T-1): where each token sits in its sequence, for the
+        families with learned position embeddings (left-padded or cached generation steps).
+        """
         body = self.body
         if self.model_type in ROTARY_FAMILY:
             # Gemma-3's embed_tokens scales by sqrt(hidden) itself.
             return body.embed_tokens(input_ids)
-        positions = self._positions(input_ids.shape[1], input_ids.device)
+        if positions is None:
+            positions = self._positions(input_ids.shape[1], input_ids.device)
         if self.model_type == "gpt2":
             return body.drop(body.wte(input_ids) + body.wpe(positions))
         embeds = body.embed_tokens(input_ids)
@@ -88,6 +103,49 @@ class DecoderStack:
             embeds = body.project_in(embeds)
         ones = torch.ones(1, input_ids.shape[1], device=input_ids.device)
         return embeds + body.embed_positions(ones, 0, position_ids=positions)
+
+    def cached_layer_inputs(self, hidden: torch.Tensor, positions: torch.Tensor, start: int, key_valid: torch.Tensor) -> LayerInputs:
+        """Masks and position embeddings for ``hidden``'s tokens written at cache slots ``start``..
+
+        For generation with a KV cache over left-padded rows: ``positions`` [rows, q] are the
+        tokens' positions in their sequences (padding not counted), ``key_valid`` [rows, start+q]
+        says which cache slots hold real tokens. A token attends to the real tokens at or
+        before its slot (and within the sliding window on sliding layers); a padding slot
+        attends to itself only, so that no row of the softmax is empty.
+        """
+        queries = hidden.shape[1]
+        slots = torch.arange(start + queries, device=hidden.device)
+        query_slots = slots[start:].unsqueeze(1)  # [q, 1]
+        causal = slots.unsqueeze(0) <= query_slots  # [q, keys]
+        own = slots.unsqueeze(0) == query_slots
+        allowed = causal.unsqueeze(0) & (key_valid.unsqueeze(1) | own.unsqueeze(0))  # [rows, q, keys]
+        kinds = self._mask_kinds()
+        built = {}
+        for kind in set(kinds):
+            mask = allowed
+            if kind == "sliding_attention":
+                window = self.config.sliding_window
+                mask = mask & (query_slots - slots.unsqueeze(0) < window).unsqueeze(0)
+            built[kind] = self._mask_format(mask.unsqueeze(1), hidden.dtype)
+        masks = [built[kind] for kind in kinds]
+        return LayerInputs(position_ids=positions, masks=masks, position_embeddings=self._rope(hidden, positions))
+
+    def _rope(self, hidden: torch.Tensor, positions: torch.Tensor) -> list:
+        """One rotary (cos, sin) per layer (Gemma-3: per attention kind); empty for other families."""
+        kinds = self._mask_kinds()
+        if self.model_type == "gemma3_text":
+            per_kind = {k: self.body.rotary_emb(hidden, positions, k) for k in set(kinds)}
+            return [per_kind[kind] for kind in kinds]
+        if self.model_type in ROTARY_FAMILY:
+            return [self.body.rotary_emb(hidden, position_ids=positions)] * self.num_layers
+        return []
+
+    def _mask_format(self, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A boolean [rows, 1, q, keys] mask as the model's attention function wants it."""
+        if self.config._attn_implementation == "sdpa":
+            return allowed  # True = attend
+        # eager (and anything else that adds the mask to the scores)
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
     def layer_inputs(self, hidden: torch.Tensor) -> LayerInputs:
         """Masks and position embeddings for a right-padded (or unpadded) batch of this shape.
@@ -110,36 +168,79 @@ class DecoderStack:
             make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
             built[kind] = make(**kwargs)
         masks = [built[kind] for kind in kinds]
-        rope = []
-        if self.model_type == "gemma3_text":
-            per_kind = {k: self.body.rotary_emb(hidden, positions, k) for k in set(kinds)}
-            rope = [per_kind[kind] for kind in kinds]
-        elif self.model_type in ROTARY_FAMILY:
-            shared = self.body.rotary_emb(hidden, position_ids=positions)
-            rope = [shared] * self.num_layers
-        return LayerInputs(position_ids=positions, masks=masks, position_embeddings=rope)
+        return LayerInputs(position_ids=positions, masks=masks, position_embeddings=self._rope(hidden, positions))
 
-    def run_layer(self, index: int, hidden: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
-        """Apply decoder layer ``index`` (0-based); returns the hidden state of layer index+1."""
+    def run_layer(self, index: int, hidden: torch.Tensor, inputs: LayerInputs, cache=None) -> torch.Tensor:
+        """Apply decoder layer ``index`` (0-based); returns the hidden state of layer index+1.
+
+        ``cache``: anything with the ``update(keys, values, layer_idx, **kw)`` of transformers'
+        caches (see :mod:`.kv_cache`); None runs without one.
+        """
         layer = self.layers[index]
         mask = inputs.masks[index]
+        use_cache = cache is not None
         if self.model_type in ROTARY_FAMILY:
             return layer(
                 hidden,
                 attention_mask=mask,
                 position_embeddings=inputs.position_embeddings[index],
                 position_ids=inputs.position_ids,
-                cache=None,
+                cache=cache,
+                use_cache=use_cache,
             )
         if self.model_type == "gpt2":
-            return layer(hidden, None, mask, None, use_cache=False, position_ids=inputs.position_ids)
-        return layer(hidden, attention_mask=mask, position_ids=inputs.position_ids, cache=None, use_cache=False)
+            return layer(hidden, cache, mask, None, use_cache=use_cache, position_ids=inputs.position_ids)
+        return layer(hidden, attention_mask=mask, position_ids=inputs.position_ids, cache=cache, use_cache=use_cache)
+
+    def fill_kv(self, index: int, hidden: torch.Tensor, inputs: LayerInputs, cache) -> None:
+        """Write layer ``index``'s keys and values for ``hidden`` into ``cache``, nothing else.
+
+        For a token that exited before this layer: CALM's state propagation (Schuster et al.,
+        2022) feeds the exit hidden state to the skipped layer's key/value projections, so
+        later tokens have something to attend to there. Costs the K/V projections only.
+        """
+        layer = self.layers[index]
+        rows, queries = hidden.shape[:2]
+        if self.model_type in ROTARY_FAMILY:
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            shape = (rows, queries, -1, attn.head_dim)
+            keys = attn.k_proj(x).view(shape).transpose(1, 2)
+            values = attn.v_proj(x).view(shape).transpose(1, 2)
+            if self.model_type == "gemma3_text":
+                keys = attn.k_norm(keys)
+            cos, sin = inputs.position_embeddings[index]
+            keys = _rotate(attn, keys, cos, sin)
+        elif self.model_type == "gpt2":
+            attn = layer.attn
+            _, keys, values = attn.c_attn(layer.ln_1(hidden)).split(attn.split_size, dim=2)
+            shape = (rows, queries, -1, attn.head_dim)
+            keys, values = keys.view(shape).transpose(1, 2), values.view(shape).transpose(1, 2)
+        else:  # opt
+            attn = layer.self_attn
+            x = layer.self_attn_layer_norm(hidden) if layer.do_layer_norm_before else hidden
+            shape = (rows, queries, -1, attn.head_dim)
+            keys = attn.k_proj(x).view(shape).transpose(1, 2)
+            values = attn.v_proj(x).view(shape).transpose(1, 2)
+        cache.update(keys, values, index)
 
     def exit_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The model's own final norm and head applied to an intermediate hidden state."""
         for module in self._norms:
             hidden = module(hidden)
         logits = self.head(hidden)
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def exit_logits_over(self, hidden: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """Exit logits [rows, K] of ``token_ids`` [rows, K] only: the final norm, then K head rows."""
+        for module in self._norms:
+            hidden = module(hidden)
+        weight = self.head.weight[token_ids]  # [rows, K, hidden]
+        logits = torch.bmm(weight, hidden.unsqueeze(-1).to(weight.dtype)).squeeze(-1)
+        if self.head.bias is not None:
+            logits = logits + self.head.bias[token_ids]
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
@@ -159,6 +260,14 @@ class DecoderStack:
     def layer_matmul_params(self) -> int:
         """Weights multiplied per token in one decoder layer (matrices only, not norms/biases)."""
         return sum(p.numel() for p in self.layers[0].parameters() if p.dim() >= 2)
+
+    def kv_matmul_params(self) -> int:
+        """Weights multiplied per token to fill one skipped layer's keys and values."""
+        layer = self.layers[0]
+        if self.model_type == "gpt2":
+            return layer.attn.c_attn.weight.numel() * 2 // 3  # the K and V thirds of c_attn
+        attn = layer.self_attn
+        return attn.k_proj.weight.numel() + attn.v_proj.weight.numel()
 
     def attention_width(self) -> int:
         """num_heads × head_dim: the width of the QK^T and AV products per token."""
@@ -191,3 +300,9 @@ class DecoderStack:
         if getattr(self.config, "sliding_window", None) and self.model_type == "mistral":
             return ["sliding_attention"] * self.num_layers
         return ["full_attention"] * self.num_layers
+
+
+def _rotate(attention: nn.Module, keys: torch.Tensor, cos, sin) -> torch.Tensor:
+    """Rotary position embedding of the keys, with the function of the attention's own module."""
+    rotated, _ = sys.modules[type(attention).__module__].apply_rotary_pos_emb(keys, keys, cos, sin)
+    return rotated

@@ -43,6 +43,7 @@ DEFAULT_THRESHOLDS = {
     "smollm2-135m": {"gap": 0.6, "min_layer": 20},
     "qwen2.5-coder-0.5b": {"gap": 0.6, "min_layer": 22},
 }
+DEFAULT_CHECK_VOCAB = 64  # K of the pruned-vocabulary checks variant (adainfer_lmeval/checks.py)
 OTHERS_QUIET = 0.25  # cores other processes may use during the timed passes for "quiet"
 COLUMNS = ["model", "batch", "variant", "mean layers", "ideal speedup", "measured speedup", "measured/ideal",
            "time vs hf", "median s", "requests"]
@@ -65,12 +66,15 @@ class Variant:
         return f"{self.name}({args})" if args else self.name
 
 
-def variants_for(model_name: str, threshold: dict | None = None, svm: bool = True, log=print) -> list[Variant]:
-    """hf, full, threshold and (if shipped for this model) svm."""
+def variants_for(model_name: str, threshold: dict | None = None, svm: bool = True, log=print,
+                 check_vocab: int | None = DEFAULT_CHECK_VOCAB) -> list[Variant]:
+    """hf, full, threshold (also with pruned-vocabulary checks) and (if shipped for this model) svm."""
     out = [Variant("hf"), Variant("full")]
     threshold = threshold if threshold is not None else DEFAULT_THRESHOLDS.get(model_name)
     if threshold:
         out.append(Variant("threshold", dict(threshold)))
+        if check_vocab:
+            out.append(Variant("threshold", {**threshold, "check_vocab": check_vocab}))
     if svm:
         try:
             from . import learned_policies
@@ -274,9 +278,9 @@ class EngineTimer:
     PARTS = ("layers", "check_head", "check_features", "emit", "layer_inputs", "embed")
 
     def __init__(self, lm):
-        from . import engine as engine_module
+        from . import checks as checks_module
 
-        self.lm, self.engine, self.module = lm, lm.engine, engine_module
+        self.lm, self.engine, self.module = lm, lm.engine, checks_module
         self.seconds = {p: 0.0 for p in self.PARTS}
         self.seconds.update(engine_run=0.0, backend=0.0)
         self.calls = {"checks": 0, "check_rows": 0, "layer_calls": 0}
@@ -300,7 +304,7 @@ class EngineTimer:
     def __enter__(self):
         stack, eng = self.engine.stack, self.engine
         self._saved = (stack.run_layer, stack.exit_logits, stack.layer_inputs, stack.embed, eng._emit, eng.run,
-                       self.module.compute_features)
+                       self.module.compute_features, stack.exit_logits_over)
 
         def count_check(args):
             self.calls["checks"] += 1
@@ -311,6 +315,7 @@ class EngineTimer:
 
         stack.run_layer = self._wrap(self._saved[0], "layers", count_layer)
         stack.exit_logits = self._wrap(self._saved[1], "check_head", count_check)
+        stack.exit_logits_over = self._wrap(self._saved[7], "check_head", count_check)
         stack.layer_inputs = self._wrap(self._saved[2], "layer_inputs")
         stack.embed = self._wrap(self._saved[3], "embed")
         emit = self._saved[4]
@@ -331,8 +336,8 @@ class EngineTimer:
 
     def __exit__(self, *exc):
         stack, eng = self.engine.stack, self.engine
-        for obj, name in ((stack, "run_layer"), (stack, "exit_logits"), (stack, "layer_inputs"), (stack, "embed"),
-                          (eng, "_emit"), (eng, "run")):
+        for obj, name in ((stack, "run_layer"), (stack, "exit_logits"), (stack, "exit_logits_over"), (stack, "layer_inputs"),
+                          (stack, "embed"), (eng, "_emit"), (eng, "run")):
             obj.__dict__.pop(name, None)  # drop the instance-level wrapper
         self.module.compute_features = self._saved[6]
         return False
@@ -363,7 +368,8 @@ def _median_seconds(fn, min_run_time: float) -> float:
 
 
 @torch.no_grad()
-def decision_cost(stack, costs, tokens: int = 128, min_run_time: float = 1.0, batch_rows: int = 16) -> dict:
+def decision_cost(stack, costs, tokens: int = 128, min_run_time: float = 1.0, batch_rows: int = 16,
+                  check_vocab: int = DEFAULT_CHECK_VOCAB) -> dict:
     """One exit decision (norm + head + softmax + top-2 at one position) vs one layer at ``tokens``."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, stack.vocab_size, (1, tokens), generator=g)
@@ -378,11 +384,21 @@ def decision_cost(stack, costs, tokens: int = 128, min_run_time: float = 1.0, ba
         probs = torch.softmax(stack.exit_logits(state).float(), dim=-1)
         return probs.topk(2, dim=-1).values
 
+    candidates = torch.randint(0, stack.vocab_size, (1, check_vocab), generator=g)
+
+    def decide_pruned(state):  # a later check under check_vocab=K: K head rows only
+        probs = torch.softmax(stack.exit_logits_over(state, candidates).float(), dim=-1)
+        return probs.topk(2, dim=-1).values
+
     layer_s = _median_seconds(lambda: stack.run_layer(middle, hidden, inputs), min_run_time)
     decide1_s = _median_seconds(lambda: decide(state1), min_run_time)
     decide_b_s = _median_seconds(lambda: decide(state_b), min_run_time)
+    pruned_s = _median_seconds(lambda: decide_pruned(state1), min_run_time)
     ideal_pct = 100 * costs.head_flops(1, with_softmax=True) / costs.layer_flops(tokens)
     return {
+        "check_vocab": check_vocab,
+        "pruned_decision_ms": 1000 * pruned_s,
+        "pruned_decision_pct_of_layer": 100 * pruned_s / layer_s,
         "tokens": tokens,
         "layer_ms": 1000 * layer_s,
         "decision_ms": 1000 * decide1_s,
@@ -398,7 +414,8 @@ def decision_cost(stack, costs, tokens: int = 128, min_run_time: float = 1.0, ba
 
 def benchmark_model(model_name: str, model, tokenizer, requests: list, variants: list[Variant],
                     batch_sizes: list[int], repeats: int, device: str = "cpu", profile: bool = True,
-                    decision_tokens: int = 128, min_run_time: float = 1.0, log=print) -> dict:
+                    decision_tokens: int = 128, min_run_time: float = 1.0, log=print,
+                    check_vocab: int | None = DEFAULT_CHECK_VOCAB) -> dict:
     """Every variant at every batch size on ``requests``, interleaved, ``repeats`` times."""
     backends = {(v.label, bs): make_backend(v, model, tokenizer, bs, device) for v in variants for bs in batch_sizes}
     labels = [v.label for v in variants]
@@ -474,7 +491,8 @@ def benchmark_model(model_name: str, model, tokenizer, requests: list, variants:
     some_adainfer = next((lm for (label, _), lm in backends.items() if label != "hf"), None)
     if some_adainfer is not None:
         result["decision_cost"] = decision_cost(some_adainfer.engine.stack, some_adainfer.costs,
-                                                tokens=decision_tokens, min_run_time=min_run_time)
+                                                tokens=decision_tokens, min_run_time=min_run_time,
+                                                check_vocab=check_vocab or DEFAULT_CHECK_VOCAB)
     if profile:
         result["breakdown"] = {f"{label}@{bs}": breakdown(backends[(label, bs)], requests)
                                for (label, bs) in backends if label != "hf"}
@@ -505,10 +523,12 @@ def format_tables(results: list[dict]) -> str:
         if d:
             dec.append([res["model"], d["tokens"], f"{d['layer_ms']:.2f}", f"{d['decision_ms']:.2f}",
                         f"{d['decision_pct_of_layer']:.1f}", f"{d['decision_16rows_ms']:.2f}",
-                        f"{d['decision_16rows_pct_of_layer']:.1f}", f"{d['flops_pct_of_layer']:.1f}"])
+                        f"{d['decision_16rows_pct_of_layer']:.1f}", f"{d['flops_pct_of_layer']:.1f}",
+                        f"{d.get('pruned_decision_ms', float('nan')):.3f}", f"{d.get('pruned_decision_pct_of_layer', float('nan')):.2f}"])
     dec_table = tabulate(dec, headers=["model", "tokens", "layer ms (batch 1)", "decision ms (1 pos)",
                                        "decision % of layer", "decision ms (16 pos)", "16-pos % of layer",
-                                       "FLOPs % of layer"], tablefmt="github")
+                                       "FLOPs % of layer", "pruned decision ms (K tokens)", "pruned % of layer"],
+                         tablefmt="github")
     br = []
     for res in results:
         for key, b in (res.get("breakdown") or {}).items():
@@ -566,6 +586,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threshold", action="append", default=[],
                         help="MODEL:gap=0.6,min_layer=20 (overrides the default operating point for MODEL)")
     parser.add_argument("--no_svm", action="store_true")
+    parser.add_argument("--check_vocab", type=int, default=DEFAULT_CHECK_VOCAB,
+                        help="K of the threshold variant with pruned-vocabulary checks (0: no such variant)")
     parser.add_argument("--no_profile", action="store_true", help="skip the instrumented breakdown pass")
     parser.add_argument("--decision_tokens", type=int, default=128)
     parser.add_argument("--wait_quiet", type=float, default=20.0, help="minutes to wait for a quiet machine")
@@ -624,12 +646,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[benchmark] loading {name} from {folder}", flush=True)
         model = transformers.AutoModelForCausalLM.from_pretrained(folder).to(a.device).eval()
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-        variants = variants_for(name, thresholds.get(name), svm=not a.no_svm)
+        variants = variants_for(name, thresholds.get(name), svm=not a.no_svm, check_vocab=a.check_vocab or None)
         tokenizing_lm = make_backend(Variant("hf"), model, tokenizer, 1, a.device)
         requests, counts[name] = build_requests(tokenizing_lm, task_limits[name], manager)
         print(f"[benchmark] {name}: {len(requests)} requests; variants {[v.label for v in variants]}", flush=True)
         res = benchmark_model(name, model, tokenizer, requests, variants, batch_sizes, a.repeats, a.device,
-                              profile=not a.no_profile, decision_tokens=a.decision_tokens)
+                              profile=not a.no_profile, decision_tokens=a.decision_tokens,
+                              check_vocab=a.check_vocab or None)
         results.append(res)
         print(format_tables([res]), flush=True)
         del model

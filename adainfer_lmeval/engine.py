@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .architectures import DecoderStack
+from .checks import ExitChecks
 from .features import FEATURE_NAMES, compute_features
 from .policies import ExitPolicy
 
@@ -44,6 +45,7 @@ class ExitResult:
     exit_layers: list[int]  # per row: the layer whose hidden states gave its logits
     logits: list[torch.Tensor]  # per row: [n_scored, vocab] exit logits at the scored positions
     checks: list[int]  # per row: exit-head evaluations made for its group's decision
+    pruned_checks: list[int]  # per row: how many of those were over a pruned vocabulary (check_vocab)
 
 
 @dataclass
@@ -54,9 +56,12 @@ class LayerView:
 
 
 class EarlyExitEngine:
-    def __init__(self, model, policy: ExitPolicy):
+    """``check_vocab``: None for full-vocabulary checks, K for pruned ones (see :mod:`.checks`)."""
+
+    def __init__(self, model, policy: ExitPolicy, check_vocab: int | None = None):
         self.stack = DecoderStack(model)
         self.policy = policy
+        self.check_vocab = check_vocab
         policy.bind(self.stack.identity())
 
     @property
@@ -79,6 +84,8 @@ class EarlyExitEngine:
             (n_groups, num_layers + 1, len(features)), float("nan"), device=batch.input_ids.device
         )
         checks = torch.zeros(n_groups, dtype=torch.long, device=groups.device)
+        pruned_checks = torch.zeros(n_groups, dtype=torch.long, device=groups.device)  # of those, pruned-vocabulary
+        exit_checks = ExitChecks(stack, self.check_vocab, n_groups, groups.device)
         # Python copies of the spans: reading tensors element by element would sync a GPU.
         spans = list(zip(decision.tolist(), lengths.tolist()))
         previous_state = None  # decision-position hidden state of the last layer, for "cosine"
@@ -106,10 +113,10 @@ class EarlyExitEngine:
             check_logits = None
             if features:
                 prev = previous_state[speaker_groups] if previous_state is not None else None
-                check_logits = stack.exit_logits(state)
-                feats = compute_features(features, check_logits, state, prev, layer, num_layers)
+                feats, check_logits, was_pruned = exit_checks.consult(features, state, prev, layer, num_layers, speaker_groups)
                 history[speaker_groups, layer] = feats.to(history.dtype)
                 checks[speaker_groups] += 1
+                pruned_checks[speaker_groups] += was_pruned.long()
             if "cosine" in features:
                 previous_state = self._remember(previous_state, state, speaker_groups, n_groups)
             stop = policy.decide(layer, num_layers, history[speaker_groups, : layer + 1])
@@ -135,8 +142,7 @@ class EarlyExitEngine:
             hidden = stack.run_layer(num_layers - 1, hidden, inputs)
             self._emit(hidden, active, num_layers, spans, exit_layers, logits_out)
 
-        per_row_checks = checks[groups].tolist()
-        return ExitResult(exit_layers, logits_out, per_row_checks)  # type: ignore[arg-type]
+        return ExitResult(exit_layers, logits_out, checks[groups].tolist(), pruned_checks[groups].tolist())  # type: ignore[arg-type]
 
     @torch.no_grad()
     def trace(self, batch: ExitBatch):

@@ -9,7 +9,11 @@ each response of an ``adainfer`` run carries and adds:
   (so lm-eval's own table prints them beside the metrics);
 - ``results["adainfer"]``: the policy, the model's depth and, per task and group, requests,
   mean layers, % layers and FLOPs saved and the exit-layer histogram;
-- each logged sample: ``exit_layers`` (one per request of the document).
+- each logged sample: ``exit_layers`` (one per request of the document; for a generation,
+  the list of its tokens' exit layers).
+
+For generation tasks the figures count generated tokens (token-layers), see
+:func:`adainfer_lmeval.accounting.summarize`.
 
 Runs of other backends pass through untouched.
 """
@@ -86,14 +90,21 @@ def attach_exit_statistics(results: dict, records: dict[str, list[ExitRecord]], 
         "tasks": per_task,
     }
     if any(s.get("full_depth_generation") for s in per_task.values()):
-        results["adainfer"]["note"] = "generate_until ran at full depth: early exit applies to loglikelihood requests"
+        results["adainfer"]["note"] = (
+            "some generate_until requests asked for sampling: those ran model.generate at full depth"
+        )
 
     for samples in (results.get("samples") or {}).values():
         for sample in samples:
             layers = [
-                [r.layers for r in map(_exit_of, resps) if r is not None] for resps in sample.get("resps", [])
+                [_sample_layers(r) for r in map(_exit_of, resps) if r is not None] for resps in sample.get("resps", [])
             ]
             sample["exit_layers"] = [x[0] if len(x) == 1 else x for x in layers]
+
+
+def _sample_layers(record: ExitRecord):
+    """A sample's exit layers: one per generated token for generations, else the request's."""
+    return list(record.token_layers) if record.tokens else record.layers
 
 
 def _leaves(group: str, tree: dict) -> list[str]:

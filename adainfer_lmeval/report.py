@@ -42,10 +42,17 @@ def load_runs(paths: list[str | Path]) -> list[dict]:
 
 
 def metric_of(row: dict) -> tuple[str, float, float | None]:
+    """(metric, value, stderr) of a task's results row: the first primary metric present.
+
+    Generation tasks report metrics under their filter (``exact_match,remove_whitespace``);
+    the unfiltered ``none`` is preferred where both exist.
+    """
     for name in PRIMARY_METRICS:
-        if f"{name},none" in row:
-            stderr = row.get(f"{name}_stderr,none")
-            return name, float(row[f"{name},none"]), float(stderr) if isinstance(stderr, (int, float)) else None
+        filters = [k.split(",", 1)[1] for k in row if k.startswith(f"{name},")]
+        if filters:
+            filt = "none" if "none" in filters else filters[0]
+            stderr = row.get(f"{name}_stderr,{filt}")
+            return name, float(row[f"{name},{filt}"]), float(stderr) if isinstance(stderr, (int, float)) else None
     raise AdaInferError(f"no known metric among {', '.join(PRIMARY_METRICS)} in {sorted(row)}")
 
 
@@ -55,7 +62,10 @@ def leaf_samples(run: dict) -> list[dict]:
 
 
 def chance_level(samples: list[dict]) -> float | None:
-    """Expected accuracy of guessing, over multiple-choice documents."""
+    """Expected score of guessing: 1/options over multiple-choice documents; 0 for generations
+    (a guessed free-text answer is almost never an exact match, so the floor is the bar)."""
+    if samples and all("generation" in s for s in samples):
+        return 0.0
     counts = [len(s["loglikelihoods"]) for s in samples if len(s.get("loglikelihoods", [])) > 1]
     return sum(1.0 / c for c in counts) / len(counts) if counts else None
 
@@ -98,7 +108,8 @@ def compare_run(full: dict, early: dict) -> dict:
     # Both runs score the same documents; with only per-run stderrs at hand, the root-sum-square
     # is the independent-samples bound on the difference's standard error.
     delta_se = math.hypot(full_se, early_se) if full_se is not None and early_se is not None else None
-    at_chance = chance is not None and full_se is not None and full_value - chance < 2 * full_se
+    # "<=": a score of exactly the floor (0 of n exact matches, stderr 0) is at chance too.
+    at_chance = chance is not None and full_se is not None and full_value - chance <= 2 * full_se
     requests = stats["requests"]
     seconds_full, seconds_early = full["adainfer"]["seconds"], early["adainfer"]["seconds"]
     timed = seconds_early is not None  # the oracle is computed in hindsight, not timed

@@ -103,17 +103,30 @@ def _settings(model: str, task: TaskSpec, policy: str, batch_size: int) -> dict:
 
 
 def _compact_samples(samples: dict) -> dict:
-    """What the report needs of each logged sample: target, log-probs, exit layers."""
-    return {
-        task: [
-            {"doc_id": s["doc_id"], "target": s["target"],
-             "loglikelihoods": [float(r[0][0]) if isinstance(r[0], (list, tuple)) else float(r[0]) for r in s["resps"]],
-             "exit_layers": s.get("exit_layers", []),
-             **{k: v for k, v in s.items() if k in ("acc", "acc_norm", "exact_match")}}
-            for s in rows
-        ]
-        for task, rows in samples.items()
-    }
+    """What the report needs of each logged sample: target, log-probs or generation, exit layers."""
+    def compact(s: dict) -> dict:
+        row = {"doc_id": s["doc_id"], "target": s["target"], "exit_layers": s.get("exit_layers", [])}
+        first = s["resps"][0][0] if s["resps"] else None
+        if isinstance(first, str):  # generate_until: the text before lm-eval's filters
+            row["generation"] = first
+            row["exit_layers"] = row["exit_layers"][0] if row["exit_layers"] else []  # per token
+        else:
+            row["loglikelihoods"] = [float(r[0][0]) if isinstance(r[0], (list, tuple)) else float(r[0]) for r in s["resps"]]
+        row.update({k: v for k, v in s.items() if k in ("acc", "acc_norm", "exact_match")})
+        return row
+
+    return {task: [compact(s) for s in rows] for task, rows in samples.items()}
+
+
+def _is_generative(manager, task_name: str) -> bool:
+    """Whether a task (or every task of a group) is lm-eval generate_until."""
+    from lm_eval.tasks import get_task_dict
+
+    def leaves(tree):
+        for value in tree.values():
+            yield from (leaves(value) if isinstance(value, dict) else [value])
+
+    return all(t.OUTPUT_TYPE == "generate_until" for t in leaves(get_task_dict([task_name], manager)))
 
 
 def _policy_args(suite: Suite, policy: str) -> tuple[str, dict]:
@@ -180,7 +193,12 @@ def run_suite(suite: Suite, out: Path, log=print) -> list[Path]:
             done += 1
             log(f"[suite] {done}/{total} {model_name} {task.name} {policy}: running")
             started = time.time()
-            if policy == ORACLE:
+            if policy == ORACLE and _is_generative(manager, task.name):
+                from .generation_oracle import generation_oracle_run
+
+                record = generation_oracle_run(backend(FULL), task.name, task.limit, task.num_fewshot, manager)
+                record["samples"] = _compact_samples(record["samples"])
+            elif policy == ORACLE:
                 from .oracle import oracle_run
 
                 record = oracle_run(backend(FULL), task.name, task.limit, task.num_fewshot)

@@ -54,7 +54,9 @@ def test_full_depth_matches_hf_backend(tiny_model_dirs, arch, batch_size):
     gen = [Instance("generate_until", {}, (ctx, dict(until)), idx=0) for ctx in CONTEXTS]
     texts = ada.generate_until(gen)
     assert texts == hf.generate_until(gen)
-    assert all(t.exit.full_depth_generation for t in texts)
+    for text in texts:  # per-token records, every token at full depth
+        assert text.exit.tokens >= 1 and set(text.exit.token_layers) == {ada.engine.num_layers}
+        assert not text.exit.full_depth_generation
 
 
 def test_threshold_policy_saves_layers_and_shares_decisions(tiny_model_dirs):
@@ -145,3 +147,50 @@ def test_identical_inputs_run_once_like_hflm_logits_cache(tiny_model_dirs):
     assert sum(a.exit.full_flops for a in answers) == pytest.approx(
         sum(ada.costs.request(len(ada.tok_encode(c)), 4, 1, 0).full_flops for c in contexts)
     )
+
+
+def _generation_requests(max_gen_toks: int = 10):
+    until = {"until": ["."], "max_gen_toks": max_gen_toks, "do_sample": False}
+    return [Instance("generate_until", {}, (ctx, dict(until)), idx=i) for i, ctx in enumerate(CONTEXTS * 2)]
+
+
+def test_generation_with_exits_is_batch_invariant_and_accounted_per_token(tiny_model_dirs):
+    outputs = []
+    for batch_size in (1, 4):
+        ada = _lm(AdaInferLM, tiny_model_dirs["llama"], batch_size=batch_size, policy="threshold", top_prob=0.03, min_layer=1)
+        outputs.append(ada.generate_until(_generation_requests()))
+    single, batched = outputs
+    assert batched == single, "rows leaving the batch early must not change the other rows' text"
+    layers = [layer for text in batched for layer in text.exit.token_layers]
+    assert len(set(layers)) > 1, "the threshold should spread token exits over layers"
+    assert [t.exit.token_layers for t in batched] == [t.exit.token_layers for t in single]
+    for text in batched:
+        record = text.exit
+        assert record.tokens == len(record.token_layers) >= 1
+        assert record.layers == pytest.approx(sum(record.token_layers) / record.tokens)
+        if max(record.token_layers) <= 2:  # every token skipped half the model
+            assert record.flops < record.full_flops
+
+
+def test_generation_stops_at_the_stop_string_and_max_gen_toks(tiny_model_dirs):
+    ada = _lm(AdaInferLM, tiny_model_dirs["gpt2"], batch_size=4, policy="full")
+    hf = _lm(HFLM, tiny_model_dirs["gpt2"], batch_size=4)
+    for until in ([" the", "."], [","], []):
+        requests = [
+            Instance("generate_until", {}, (ctx, {"until": list(until), "max_gen_toks": 6, "do_sample": False}), idx=0)
+            for ctx in CONTEXTS
+        ]
+        texts = ada.generate_until(requests)
+        assert texts == hf.generate_until(requests)
+        assert all(t.exit.tokens <= 6 for t in texts)
+
+
+def test_sampling_falls_back_to_model_generate_and_says_so(tiny_model_dirs):
+    ada = _lm(AdaInferLM, tiny_model_dirs["llama"], batch_size=2, policy="threshold", top_prob=0.03)
+    requests = [
+        Instance("generate_until", {}, (ctx, {"until": ["."], "max_gen_toks": 5, "do_sample": True, "temperature": 0.7}), idx=0)
+        for ctx in CONTEXTS[:2]
+    ]
+    texts = ada.generate_until(requests)
+    assert all(t.exit.full_depth_generation for t in texts)
+    assert all(set(t.exit.token_layers) == {ada.engine.num_layers} for t in texts)

@@ -54,6 +54,7 @@ def test_benchmark_table_on_tiny_model(tiny, tmp_path, one_thread):
     assert res["max_abs_logprob_diff_full_vs_hf"] < 1e-4
     d = res["decision_cost"]
     assert d["tokens"] == 16 and d["layer_ms"] > 0 and d["decision_ms"] > 0 and d["decision_pct_of_layer"] > 0
+    assert d["check_vocab"] == 64 and d["pruned_decision_ms"] > 0
     assert set(res["breakdown"]) == {f"{v}@{bs}" for bs in (1, 4) for v in ("full", "threshold(gap=0.1,min_layer=2)")}
     full_breakdown = res["breakdown"]["full@1"]
     assert full_breakdown["calls"]["checks"] == 0 and full_breakdown["calls"]["layer_calls"] > 0
@@ -79,5 +80,16 @@ def test_variants_skip_missing_svm(tmp_path, monkeypatch):
     monkeypatch.setenv("ADAINFER_POLICIES", str(tmp_path))  # no shipped policies here
     messages = []
     labels = [v.label for v in bm.variants_for("smollm2-135m", log=messages.append)]
-    assert labels == ["hf", "full", "threshold(gap=0.6,min_layer=20)"]
+    assert labels == ["hf", "full", "threshold(gap=0.6,min_layer=20)", "threshold(gap=0.6,min_layer=20,check_vocab=64)"]
     assert messages and "svm" in messages[0]
+
+
+def test_pruned_checks_variant_is_timed_and_counted(tiny, one_thread):
+    model, tokenizer = tiny
+    requests = bm.synthetic_requests(tokenizer, n_docs=2, choices=2)
+    pruned = bm.Variant("threshold", {"gap": 0.1, "min_layer": 1, "check_vocab": 8})
+    res = bm.benchmark_model("tiny-llama", model, tokenizer, requests, [bm.Variant("full"), pruned], batch_sizes=[2],
+                             repeats=1, decision_tokens=16, min_run_time=0.01, log=lambda *_: None, check_vocab=8)
+    row = next(r for r in res["rows"] if r["variant"] == pruned.label)
+    assert row["checks_per_request"] > 0
+    assert res["breakdown"][f"{pruned.label}@2"]["calls"]["checks"] > 0

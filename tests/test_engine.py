@@ -153,3 +153,42 @@ def test_trace_sees_what_exits_would_see(tiny_models, arch):
             for mine, theirs in zip(view.logits, static.logits):
                 torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(view.features, recorder.seen[view.layer], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_logits_over_a_token_subset_equal_the_full_heads(tiny_models, arch):
+    stack = DecoderStack(tiny_models[arch])
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(3, stack.hidden_size, generator=g)
+    ids = torch.randint(0, stack.vocab_size, (3, 5), generator=g)
+    with torch.no_grad():
+        full = stack.exit_logits(hidden)
+        subset = stack.exit_logits_over(hidden, ids)
+    torch.testing.assert_close(subset, full.gather(1, ids), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "opt"])
+def test_pruned_vocabulary_checks(tiny_models, arch):
+    """check_vocab=K: the first check is full, later ones read K tokens; answers still full-vocabulary."""
+    model = tiny_models[arch]
+    rows = _rows(8, 6, model.config.vocab_size)
+    decisions = [len(r) - 2 for r in rows]
+    recorder = Recorder()
+    out = EarlyExitEngine(model, recorder, check_vocab=8).run(ExitBatch.from_rows(rows, decisions))
+    assert out.checks == [3] * len(rows) and out.pruned_checks == [2] * len(rows)
+    # Layer 1's features are the full-vocabulary ones; later p1s come from a softmax over 8 tokens.
+    full = Recorder()
+    EarlyExitEngine(model, full).run(ExitBatch.from_rows(rows, decisions))
+    torch.testing.assert_close(recorder.seen[1], full.seen[1])
+    assert bool((recorder.seen[2][:, 0] >= full.seen[2][:, 0] - 1e-6).all()), "p1 over K tokens >= p1 over all"
+    # A row that exits at a pruned check still gets its layer's full-vocabulary lens.
+    tau = _mixed_threshold(model, rows, decisions)
+    pruned = EarlyExitEngine(model, build_policy("threshold", {"gap": tau, "min_layer": 1}), check_vocab=8)
+    exits = pruned.run(ExitBatch.from_rows(rows, decisions))
+    for row, decision, layer, logits in zip(rows, decisions, exits.exit_layers, exits.logits):
+        static = EarlyExitEngine(model, build_policy("static", {"layer": layer})) if layer < 4 else \
+            EarlyExitEngine(model, build_policy("full", {}))
+        reference = static.run(ExitBatch.from_rows([row], [decision])).logits[0]
+        torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
+    batched = [pruned.run(ExitBatch.from_rows([r], [d])).exit_layers[0] for r, d in zip(rows, decisions)]
+    assert batched == exits.exit_layers

@@ -31,7 +31,12 @@ OFFICIAL_ROWS = {
     "hellaswag": 10042,
     "openbookqa": 500,
     "sciq_val": 1000,
+    "lambada_openai": 5153,
+    "lambada_openai_gen": 5153,
+    "nq_open": 3610,
+    "triviaqa_wiki": 7993,
 }
+NEW_TASKS = {"lambada_openai_gen"}  # task definitions of their own, not data/split overrides
 TRAIN_ROWS = {
     "arc_easy_train": 2251,
     "arc_challenge_train": 1119,
@@ -79,16 +84,30 @@ def test_tasks_dir_links_lm_eval_and_every_yaml_resolves():
 
 def test_task_configs_only_change_data_source_and_split():
     """Configs in tasks/ include lm-eval's YAML; no prompt key is redefined."""
-    allowed = {"task", "tag", "training_split", "test_split", "fewshot_split"}
+    allowed = {"task", "tag", "training_split", "test_split", "fewshot_split", "dataset_name"}
     checked = 0
     for path in sorted(od.tasks_dir().glob("**/*.yaml")):
         own = _load_yaml_flat(path)
-        if "group" in own:
+        if "group" in own or own.get("task") in NEW_TASKS:
             continue
         assert "include" in own, path
         assert set(own) - {"include"} <= allowed, (path, set(own) - allowed)
         checked += 1
-    assert checked == 2 + len(TRAIN_ROWS) + 2 * len(od.MMLU_SUBJECTS)
+    assert checked == 4 + len(TRAIN_ROWS) + 2 * len(od.MMLU_SUBJECTS)
+
+
+def test_generative_lambada_keeps_lm_evals_documents_and_context():
+    """lambada_openai_gen is a new task: lm-eval's data and context, the last word generated."""
+    own = _load_yaml(od.tasks_dir() / "generative" / "lambada_openai_gen.yaml")
+    upstream = _load_yaml(LM_EVAL_TASKS / "lambada" / "lambada_openai.yaml")
+    for key in ("dataset_path", "dataset_name", "test_split", "doc_to_text"):
+        assert own[key] == upstream[key]
+    assert own["output_type"] == "generate_until" and own["generation_kwargs"]["do_sample"] is False
+
+
+def test_triviaqa_without_its_split_is_refused_in_one_line():
+    with pytest.raises(od.DataMissingError, match="use triviaqa_wiki"):
+        od.check_tasks_available(["triviaqa"])
 
 
 def _load_yaml_flat(path: Path) -> dict:

@@ -101,3 +101,40 @@ def test_rolling_and_generation_match_hf_backend(smollm2):
     gen = [Instance("generate_until", {}, (p, {"until": ["\n"], "max_gen_toks": 8, "do_sample": False}), idx=0)
            for p in prompts]
     assert ada.generate_until(gen) == hf.generate_until(gen)
+
+
+GENERATIVE = ["lambada_openai_gen", "nq_open"]
+
+
+def _texts(results, task):
+    return [s["resps"][0][0] for s in sorted(results["samples"][task], key=lambda s: s["doc_id"])]
+
+
+@pytest.mark.parametrize("batch_size", [1, 8])
+def test_generation_at_full_depth_matches_hf_backend(task_manager, smollm2, batch_size):
+    """Greedy text through the early-exit generator (policy=full) is lm-eval hf's, token for token."""
+    def run(model, args):
+        return lm_eval.simple_evaluate(
+            model=model, model_args=args, tasks=GENERATIVE, limit=8, device="cpu", batch_size=batch_size,
+            log_samples=True, task_manager=task_manager, bootstrap_iters=0,
+        )
+
+    ours = run("adainfer", f"pretrained={smollm2},policy=full")
+    reference = run("hf", f"pretrained={smollm2}")
+    for task in GENERATIVE:
+        assert _texts(ours, task) == _texts(reference, task)
+        assert ours["adainfer"]["tasks"][task]["layers_saved_pct"] == 0.0
+
+
+def test_generation_with_exits_on_lambada(task_manager, smollm2):
+    """Per-token exits on real text: tokens exit in the policy's band, the records add up."""
+    results = lm_eval.simple_evaluate(
+        model="adainfer", model_args=f"pretrained={smollm2},policy=threshold,top_prob=0.9,min_layer=16",
+        tasks=["lambada_openai_gen"], limit=8, device="cpu", batch_size=4, log_samples=True,
+        task_manager=task_manager, bootstrap_iters=0,
+    )
+    stats = results["adainfer"]["tasks"]["lambada_openai_gen"]
+    per_token = [layer for s in results["samples"]["lambada_openai_gen"] for layer in s["exit_layers"][0]]
+    assert stats["generated_tokens"] == len(per_token)
+    assert all(16 <= layer <= 30 for layer in per_token)
+    assert stats["layers_saved_pct"] > 0 and stats["flops_saved_pct"] > 0

@@ -142,3 +142,48 @@ def test_two_processes_with_accelerate_give_the_one_process_results(tiny_model_d
     assert two["results"]["tiny_sentiment"]["acc,none"] == one["results"]["tiny_sentiment"]["acc,none"]
     assert two["adainfer"]["tasks"] == one["adainfer"]["tasks"]
     assert two["adainfer"]["tasks"]["tiny_sentiment"]["requests"] == 12
+
+
+def _generation_task() -> dict:
+    return {
+        "task": "tiny_continue",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(FIXTURE)}},
+        "test_split": "test",
+        "output_type": "generate_until",
+        "doc_to_text": "{{text}} . question : positive or negative ? answer :",
+        "doc_to_target": "{{['negative', 'positive'][label]}}",
+        "generation_kwargs": {"until": ["."], "max_gen_toks": 6, "do_sample": False},
+        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+    }
+
+
+def _generate(task_manager, model: str, model_args: str, batch_size: int = 4) -> dict:
+    return lm_eval.simple_evaluate(
+        model=model, model_args=model_args, tasks=[_generation_task()], device="cpu", batch_size=batch_size,
+        log_samples=True, task_manager=task_manager,
+    )
+
+
+def test_generation_results_count_token_layers(task_manager, tiny_model_dirs):
+    folder = tiny_model_dirs["llama"]
+    results = _generate(task_manager, "adainfer", f"pretrained={folder},policy=threshold,top_prob=0.03,min_layer=1")
+    samples = results["samples"]["tiny_continue"]
+    summary = results["adainfer"]["tasks"]["tiny_continue"]
+    per_token = [layer for s in samples for layer in s["exit_layers"][0]]  # one request per doc: its tokens
+    assert summary["generated_tokens"] == len(per_token) >= len(samples)
+    assert len(set(per_token)) > 1, "the threshold should spread token exits over layers"
+    assert summary["mean_layers"] == pytest.approx(sum(per_token) / len(per_token))
+    assert sum(summary["exit_layer_histogram"].values()) == len(per_token)
+    assert "note" not in results["adainfer"]
+
+
+def test_generation_at_full_depth_equals_hf_backend(task_manager, tiny_model_dirs):
+    folder = tiny_model_dirs["opt"]
+    for batch_size in (1, 4):
+        ours = _generate(task_manager, "adainfer", f"pretrained={folder},policy=full", batch_size)
+        reference = _generate(task_manager, "hf", f"pretrained={folder}", batch_size)
+        assert [s["resps"] for s in ours["samples"]["tiny_continue"]] == [
+            s["resps"] for s in reference["samples"]["tiny_continue"]
+        ]
+        assert ours["adainfer"]["tasks"]["tiny_continue"]["layers_saved_pct"] == 0.0
