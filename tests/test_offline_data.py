@@ -35,8 +35,9 @@ OFFICIAL_ROWS = {
     "lambada_openai_gen": 5153,
     "nq_open": 3610,
     "triviaqa_wiki": 7993,
+    "squad_gen": 1000,
 }
-NEW_TASKS = {"lambada_openai_gen"}  # task definitions of their own, not data/split overrides
+NEW_TASKS = {"lambada_openai_gen", "squad_gen"}  # task definitions of their own, not data/split overrides
 TRAIN_ROWS = {
     "arc_easy_train": 2251,
     "arc_challenge_train": 1119,
