@@ -263,13 +263,15 @@ class AdaInferLM(HFLM):
 
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
         attention_mask = generation_kwargs.pop("attention_mask", None)
-        contexts = self._batch_contexts or [None] * context.shape[0]
-        prompt_lengths = (attention_mask.sum(-1) if attention_mask is not None else torch.full((context.shape[0],), context.shape[1])).tolist()
+        contexts = self._batch_contexts
+        if contexts is None or len(contexts) != context.shape[0]:  # called outside generate_until
+            contexts = [None] * context.shape[0]
         if not _is_greedy(generation_kwargs):
             # Sampling and other decoding options stay model.generate's, at full depth.
             out = super()._model_generate(context, max_length, stop, attention_mask=attention_mask, **generation_kwargs)
-            for row, tokens in enumerate(prompt_lengths):
-                generated = out.shape[1] - context.shape[1]
+            real = attention_mask if attention_mask is not None else torch.ones_like(context)
+            generated = out.shape[1] - context.shape[1]
+            for row, tokens in enumerate(real.sum(-1).tolist()):
                 record = self.costs.generation(int(tokens), [self.engine.num_layers] * generated, [0] * generated)
                 record.full_depth_generation = True
                 self._file_generation_record(contexts[row], record)
