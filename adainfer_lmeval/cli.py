@@ -1,7 +1,8 @@
 """``adainfer-eval``: lm-eval's command line with ``adainfer`` registered, plus our commands.
 
 ``adainfer-eval models|data ...`` manage the offline cache; ``suite``, ``compare``,
-``report`` and ``check`` run and judge early exit beside full depth (see SUBCOMMANDS); every
+``report`` and ``check`` run and judge early exit beside full depth, ``study`` runs the paper's
+intra-task / inter-task / inter-model study (see SUBCOMMANDS); every
 other invocation is handed to lm-eval's own CLI unchanged (``run`` flags, ``ls tasks``,
 ``validate``), with this repository's ``tasks/`` folder on the include path so the offline
 task configs are found. lm-eval reads no entry points, which is why this wrapper exists.
@@ -25,6 +26,7 @@ SUBCOMMANDS = {
     "check": "check",
     "policy": "learned_policies",
     "benchmark": "benchmark",
+    "study": "study",
 }
 
 

@@ -62,6 +62,9 @@ class Example:
     option_ll: list[list[float]] = field(default_factory=list)  # [L][options]
 
 
+_MANAGER = None
+
+
 def load_tasks(task_names: list[str]) -> dict:
     """{leaf task name: task object} from lm-eval with this repository's offline tasks."""
     from .offline_data import configure_offline_environment, tasks_dir
@@ -72,7 +75,10 @@ def load_tasks(task_names: list[str]) -> dict:
     from .offline_data import check_tasks_available
 
     check_tasks_available(task_names)
-    manager = TaskManager(include_path=str(tasks_dir()))
+    global _MANAGER
+    if _MANAGER is None:  # indexing every lm-eval task takes seconds: once per process
+        _MANAGER = TaskManager(include_path=str(tasks_dir()))
+    manager = _MANAGER
     unknown = [t for t in task_names if t not in manager.all_tasks]
     if unknown:
         raise AdaInferError(f"unknown task(s) {', '.join(unknown)}; see `adainfer-eval data list`")
@@ -89,9 +95,14 @@ def _doc_ids(task) -> list[int]:
     return list(range(len(task.eval_docs)))
 
 
-def sample_docs(tasks: dict, spec: str, n_docs: int | None, shots: int, seed: int) -> dict[str, list[int]]:
-    """``n_docs`` documents drawn at random from all leaf tasks of ``spec`` together."""
-    pool = [(name, i) for name, task in sorted(tasks.items()) for i in _doc_ids(task)]
+def sample_docs(tasks: dict, spec: str, n_docs: int | None, shots: int, seed: int,
+                doc_filter=None) -> dict[str, list[int]]:
+    """``n_docs`` documents drawn at random from all leaf tasks of ``spec`` together.
+
+    ``doc_filter(task_name, doc_id)``, if given, restricts the pool (e.g. one half of a split).
+    """
+    pool = [(name, i) for name, task in sorted(tasks.items()) for i in _doc_ids(task)
+            if doc_filter is None or doc_filter(name, i)]
     rng = random.Random(f"{seed}:{spec}:{shots}")
     chosen = pool if n_docs is None or n_docs >= len(pool) else rng.sample(pool, n_docs)
     out: dict[str, list[int]] = {}
@@ -125,9 +136,12 @@ def build_examples(lm, task, name: str, doc_ids: list[int], shots: int, fewshot_
         task.set_config(key="num_fewshot", value=shots)
     task.set_fewshot_seed(seed=fewshot_seed)
     task.build_all_requests(samples=doc_ids, rank=0, world_size=1, tokenizer_name=getattr(lm, "tokenizer_name", ""))
+    # lm-eval numbers the documents of ``samples`` 0, 1, ... in dataset order (its
+    # doc_iterator enumerates the selected rows), not by their index: map back to the index.
+    ordered = sorted(set(doc_ids))
     by_doc: dict[int, list] = {}
     for inst in task.instances:
-        by_doc.setdefault(inst.doc_id, []).append(inst)
+        by_doc.setdefault(ordered[inst.doc_id], []).append(inst)
     examples = []
     for doc_id, insts in sorted(by_doc.items()):
         insts.sort(key=lambda x: x.idx)
@@ -256,8 +270,15 @@ def collect(
     tokens_per_batch: int = 4096,
     max_length: int | None = None,
     quiet: bool = False,
+    doc_filter=None,
+    lm=None,
+    extra_meta: dict | None = None,
 ) -> dict:
-    """Run ``model`` over ``task_specs`` × ``shots``; write ``out`` (parquet); return its metadata."""
+    """Run ``model`` over ``task_specs`` × ``shots``; write ``out`` (parquet); return its metadata.
+
+    ``doc_filter(task_name, doc_id)`` restricts which documents may be sampled; ``lm`` reuses an
+    already loaded :class:`AdaInferLM` (``policy=full``) instead of loading ``model`` again.
+    """
     import pyarrow.parquet as pq
     from tqdm import tqdm
 
@@ -266,7 +287,8 @@ def collect(
     started = time.time()
     extra = {"max_length": max_length} if max_length else {}
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    lm = AdaInferLM(pretrained=model, policy="full", batch_size=1, device=device, **extra)
+    if lm is None:
+        lm = AdaInferLM(pretrained=model, policy="full", batch_size=1, device=device, **extra)
     engine = lm.engine
     identity = engine.stack.identity()
     examples: list[Example] = []
@@ -274,7 +296,7 @@ def collect(
     for spec in task_specs:
         tasks = load_tasks([spec])
         for k in shots:
-            chosen = sample_docs(tasks, spec, n_docs, k, seed)
+            chosen = sample_docs(tasks, spec, n_docs, k, seed, doc_filter)
             part: list[Example] = []
             for name, ids in sorted(chosen.items()):
                 part.extend(build_examples(lm, tasks[name], name, ids, k, fewshot_seed))
@@ -311,6 +333,7 @@ def collect(
         "data_sha256": examples_hash(examples),
         "packages": package_versions(),
         "seconds": round(time.time() - started, 1),
+        **(extra_meta or {}),
     }
     table = examples_table(examples)
     table = table.replace_schema_metadata({b"adainfer": json.dumps(meta).encode()})

@@ -70,7 +70,7 @@ def chance_level(samples: list[dict]) -> float | None:
     return sum(1.0 / c for c in counts) / len(counts) if counts else None
 
 
-def _binomial_stderr(p: float, n: int) -> float | None:
+def binomial_stderr(p: float, n: int) -> float | None:
     return math.sqrt(p * (1 - p) / (n - 1)) if n > 1 and 0 <= p <= 1 else None
 
 
@@ -103,8 +103,8 @@ def compare_run(full: dict, early: dict) -> dict:
     samples = leaf_samples(full)
     chance = chance_level(samples)
     # lm-eval gives groups (mmlu) no stderr without bootstrapping: use the binomial one then.
-    full_se = full_se if full_se is not None else _binomial_stderr(full_value, len(samples))
-    early_se = early_se if early_se is not None else _binomial_stderr(early_value, len(leaf_samples(early)))
+    full_se = full_se if full_se is not None else binomial_stderr(full_value, len(samples))
+    early_se = early_se if early_se is not None else binomial_stderr(early_value, len(leaf_samples(early)))
     # Both runs score the same documents; with only per-run stderrs at hand, the root-sum-square
     # is the independent-samples bound on the difference's standard error.
     delta_se = math.hypot(full_se, early_se) if full_se is not None and early_se is not None else None

@@ -225,8 +225,14 @@ def calibrate(data: Data, scores: np.ndarray, tolerance: float = 0.01, n_thresho
     best = {"threshold": float(np.max(scores) + 1.0), "min_layer": L - 1, "mean_exit_layer": float(L), "acc": full}
     rows = np.arange(len(scores))
     for threshold in qs:
+        # first_from[:, m-1]: the first layer >= m whose score reaches the threshold (L if none),
+        # i.e. exit_layers(scores, threshold, m) for every m at once
+        stop = scores >= threshold
+        first_from = np.full((len(scores), L), L)
+        for layer in range(L - 1, 0, -1):
+            first_from[:, layer - 1] = np.where(stop[:, layer - 1], layer, first_from[:, layer])
         for min_layer in range(1, L):
-            exits = exit_layers(scores, threshold, min_layer)
+            exits = first_from[:, min_layer - 1]
             picked = data.choice[rows, exits - 1]
             acc = float((picked == data.gold).mean())
             mean_exit = float(exits.mean())
