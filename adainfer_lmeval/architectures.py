@@ -226,24 +226,26 @@ class DecoderStack:
 
     def exit_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The model's own final norm and head applied to an intermediate hidden state."""
-        for module in self._norms:
-            hidden = module(hidden)
-        logits = self.head(hidden)
-        if self.softcap is not None:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        return self._softcap(self.head(self._final_norm(hidden)))
 
     def exit_logits_over(self, hidden: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """Exit logits [rows, K] of ``token_ids`` [rows, K] only: the final norm, then K head rows."""
-        for module in self._norms:
-            hidden = module(hidden)
         weight = self.head.weight[token_ids]  # [rows, K, hidden]
-        logits = torch.bmm(weight, hidden.unsqueeze(-1).to(weight.dtype)).squeeze(-1)
+        logits = torch.bmm(weight, self._final_norm(hidden).unsqueeze(-1).to(weight.dtype)).squeeze(-1)
         if self.head.bias is not None:
             logits = logits + self.head.bias[token_ids]
-        if self.softcap is not None:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        return self._softcap(logits)
+
+    def _final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        for module in self._norms:  # the final norm (and OPT's project_out)
+            hidden = module(hidden)
+        return hidden
+
+    def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
+        """Gemma-3's final logit soft-capping; identity for the other families."""
+        if self.softcap is None:
+            return logits
+        return torch.tanh(logits / self.softcap) * self.softcap
 
     def identity(self) -> ModelIdentity:
         source = str(getattr(self.config, "_name_or_path", "") or self.model_type)

@@ -171,14 +171,8 @@ class CpuMonitor:
 
 
 def environment() -> dict:
-    import importlib.metadata as md
+    from .pypi import package_versions
 
-    versions = {}
-    for pkg in ("adainfer-lmeval", "lm_eval", "torch", "transformers", "tokenizers", "numpy"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
     return {
         "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, "-m", "adainfer_lmeval.benchmark", *sys.argv[1:]]),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -187,7 +181,7 @@ def environment() -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
-        "versions": versions,
+        "versions": package_versions(),
     }
 
 

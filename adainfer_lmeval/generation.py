@@ -128,12 +128,13 @@ class EarlyExitGenerator:
 
         logits = torch.empty(n, stack.vocab_size, device=tokens.device)
         exit_layers = [num_layers] * n
-        checks = torch.zeros(n, dtype=torch.long)
-        pruned = torch.zeros(n, dtype=torch.long)  # of the checks, those over a pruned vocabulary
+        checks = torch.zeros(n, dtype=torch.long, device=tokens.device)
+        pruned = torch.zeros(n, dtype=torch.long, device=tokens.device)  # of the checks, over a pruned vocabulary
         exit_checks = ExitChecks(stack, self.check_vocab, n, tokens.device)
         history = torch.full((n, num_layers + 1, len(features)), float("nan"), device=tokens.device)
         alive = torch.arange(n, device=tokens.device)  # step rows still running layers
-        previous = hidden[:, -1] if "cosine" in features else None
+        tracks_cosine = "cosine" in features  # the cosine feature compares with the layer before
+        previous = hidden[:, -1] if tracks_cosine else None
 
         for layer in range(1, num_layers + 1):
             hidden = stack.run_layer(layer - 1, hidden, inputs, cache.at(slot, rows[alive]))
@@ -141,16 +142,17 @@ class EarlyExitGenerator:
             if layer == num_layers:
                 logits[alive] = stack.exit_logits(state).to(logits.dtype)
                 break
-            if not policy.consults_at(layer, num_layers):
-                previous = state if previous is not None else None
-                continue
+            consult = policy.consults_at(layer, num_layers)
             check_logits = None
-            if features:  # a policy without features (static) needs no exit head to decide
+            if consult and features:  # a policy without features (static) needs no exit head
                 feats, check_logits, was_pruned = exit_checks.consult(features, state, previous, layer, num_layers, alive)
                 history[alive, layer] = feats.to(history.dtype)
-                checks[alive.cpu()] += 1
-                pruned[alive.cpu()] += was_pruned.long().cpu()
-            previous = state if previous is not None else None
+                checks[alive] += 1
+                pruned[alive] += was_pruned.long()
+            if tracks_cosine:
+                previous = state
+            if not consult:
+                continue
             stop = policy.decide(layer, num_layers, history[alive, : layer + 1]).to(alive.device)
             if not bool(stop.any()):
                 continue
@@ -168,5 +170,5 @@ class EarlyExitGenerator:
             if not bool(keep.any()):
                 break
             hidden, alive, inputs = hidden[keep], alive[keep], inputs.select(keep)
-            previous = previous[keep] if previous is not None else None
+            previous = previous[keep] if tracks_cosine else None
         return logits, exit_layers, checks.tolist(), pruned.tolist()

@@ -300,11 +300,9 @@ class AdaInferLM(HFLM):
 
 def _is_greedy(generation_kwargs: dict) -> bool:
     """True when lm-eval asks for plain greedy decoding (what the early-exit generator does)."""
-    options = dict(generation_kwargs)
-    if options.pop("do_sample", False) or options.pop("temperature", 0.0) not in (0, 0.0, None):
-        return False
-    options.pop("top_p", None), options.pop("top_k", None)  # ignored by greedy decoding
-    return not options
+    sampling = generation_kwargs.get("do_sample") or generation_kwargs.get("temperature") not in (0, 0.0, None)
+    ignored_when_greedy = {"do_sample", "temperature", "top_p", "top_k"}
+    return not sampling and not set(generation_kwargs) - ignored_when_greedy
 
 
 def _stop_string_check(tokenizer, stops: list[str]):

@@ -418,14 +418,14 @@ def fetch_model(
     computed value is printed so it can be pinned).
     """
     spec = get_spec(name)
-    final = cache_path("models", spec.name)
-    if not force and (final / MARKER_FILE).is_file():
+    final = model_dir(spec.name)
+    if not force and is_fetched(spec.name):
         return final
 
     models_root = final.parent
     models_root.mkdir(parents=True, exist_ok=True)
     with _lock(models_root / f".{spec.name}.lock"):
-        if not force and (final / MARKER_FILE).is_file():  # someone else finished meanwhile
+        if not force and is_fetched(spec.name):  # someone else finished meanwhile
             return final
         if spec.sha256 is None and not allow_unpinned:
             raise FetchError(
@@ -496,8 +496,8 @@ def fetch_model(
 def list_models() -> list[dict]:
     rows = []
     for spec in MODELS.values():
-        folder = cache_path("models", spec.name)
-        fetched = (folder / MARKER_FILE).is_file()
+        folder = model_dir(spec.name)
+        fetched = is_fetched(spec.name)
         rows.append(
             {
                 "name": spec.name,

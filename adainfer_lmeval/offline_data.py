@@ -223,7 +223,6 @@ class HubConfig:
     repo_id: str
     config: str  # "default" where lm-eval passes no dataset_name
     expected: dict = field(default_factory=dict)  # split -> official row count (None: check totals)
-    label: str = ""
 
     @property
     def key(self) -> str:
@@ -281,13 +280,6 @@ class TaskData:
     eval_split: str
     kind: str  # "lm-eval" (lm-eval's own config), "tasks/" (a config in tasks/), "train" (in tasks/)
     note: str = ""
-
-    def eval_configs(self) -> list[HubConfig]:
-        seen = []
-        for config, split in self.needs:
-            if split == self.eval_split and config not in seen:
-                seen.append(config)
-        return seen
 
 
 def _mmlu_needs(*splits: str, subjects: Iterable[str] = MMLU_SUBJECTS) -> tuple:
@@ -877,7 +869,8 @@ def _print_list() -> int:
         official = f"{row['expected']:,}" if row["expected"] is not None else "?"
         status = "present" if row["present"] else "missing: " + "; ".join(row["missing"])
         print(f"{row['task']:<22} {row['kind']:<9} {row['split']:<15} {rows:>7} {official:>8}  {status}")
-    print("sciq: not available (its test split is shipped nowhere); use sciq_val")
+    for name, why in UNAVAILABLE.items():
+        print(f"{name}: not available ({why})")
     return 0
 
 

@@ -177,21 +177,23 @@ def _cells(r: dict) -> list:
             f"{r['speedup']:.2f}x" if r["speedup"] else "-", note]
 
 
+def display_rows(rows: list[dict]) -> list[dict]:
+    """What every table shows: the early-exit rows (each carries its baseline), then macro-averages."""
+    early = [r for r in rows if r["policy"] != FULL]
+    return early + macro_average(early)
+
+
 def markdown_table(rows: list[dict]) -> str:
     from tabulate import tabulate
 
-    body = [_cells(r) for r in rows if r["policy"] != FULL]
-    body += [_cells(r) for r in macro_average([r for r in rows if r["policy"] != FULL])]
-    return tabulate(body, headers=HEADERS, tablefmt="github")
+    return tabulate([_cells(r) for r in display_rows(rows)], headers=HEADERS, tablefmt="github")
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(HEADERS)
-        for r in rows:
-            if r["policy"] != FULL:
-                writer.writerow(_cells(r))
+        writer.writerows(_cells(r) for r in display_rows(rows))
 
 
 def plot_tradeoff(rows: list[dict], path: Path) -> None:
@@ -269,7 +271,7 @@ def write_report(rows: list[dict], out: Path, title: str = "adainfer-lmeval repo
     buffer.write("<style>body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px}</style>")
     buffer.write(f"<h1>{html.escape(title)}</h1><p>{html.escape(preamble)}</p><table><tr>")
     buffer.write("".join(f"<th>{html.escape(h)}</th>" for h in HEADERS) + "</tr>")
-    for r in [r for r in rows if r["policy"] != FULL] + macro_average([r for r in rows if r["policy"] != FULL]):
+    for r in display_rows(rows):
         buffer.write("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in _cells(r)) + "</tr>")
     buffer.write("</table>")
     buffer.write(_embedded(out / "accuracy_vs_layers_saved.png") + _embedded(out / "exit_layers.png"))

@@ -281,12 +281,6 @@ def training_sets(collections: dict, models: list[str], specs: list[TaskSpec], s
     return out
 
 
-def evaluate_exits(data, exits: np.ndarray) -> dict:
-    from .train import evaluate
-
-    return evaluate(data, exits)
-
-
 def run_study(collections: dict, models: list[str], specs: list[TaskSpec], tolerance: float = 0.01,
               k_inner: int = 4, seed: int = 0, kinds=KINDS, log=print, fitted_out: dict | None = None) -> dict:
     """Every row of the study (and the sweep curves for the plot), from the collections.
@@ -294,7 +288,7 @@ def run_study(collections: dict, models: list[str], specs: list[TaskSpec], toler
     ``fitted_out``, if given, receives every fit: {(model, task label, setting, kind): fit}.
     """
     from .features import FEATURE_NAMES
-    from .train import calibrate, exit_layers
+    from .train import calibrate, evaluate, exit_layers
 
     cols = list(range(len(FEATURE_NAMES)))
     fitted = {}
@@ -310,7 +304,7 @@ def run_study(collections: dict, models: list[str], specs: list[TaskSpec], toler
         for spec in specs:
             test = collections[(model, spec.label, "test")]
             L, n = test.num_layers, len(test.keys)
-            full = evaluate_exits(test, np.full(n, L))
+            full = evaluate(test, np.full(n, L))
             base = {"model": model, "task": spec.name, "shots": spec.shots, "layers": L, "n_test": n,
                     "chance": full["chance_acc"], "full_acc": full["full_acc"],
                     "at_chance": at_chance(full["full_acc"], full["chance_acc"], n)}
@@ -322,7 +316,7 @@ def run_study(collections: dict, models: list[str], specs: list[TaskSpec], toler
                              "agreement": result["agreement_with_full"], **extra})
 
             row("full", "-", "-", full)
-            row("oracle", "-", "-", evaluate_exits(test, oracle_exits(test)))
+            row("oracle", "-", "-", evaluate(test, oracle_exits(test)))
             for kind in kinds:
                 sources = [(s, fitted.get((model, spec.label, s, kind)), model) for s in ("intra", "inter-task")]
                 sources += [("inter-model", fitted.get((other, spec.label, "intra", kind)), other) for other in models if other != model]
@@ -333,19 +327,19 @@ def run_study(collections: dict, models: list[str], specs: list[TaskSpec], toler
                     for criterion, point in policy["points"].items():
                         point = map_point(point, policy["layers"], L)
                         exits = exit_layers(scores, point["threshold"], point["min_layer"])
-                        row(kind, setting, criterion, evaluate_exits(test, exits), trained_model=trained_model,
+                        row(kind, setting, criterion, evaluate(test, exits), trained_model=trained_model,
                             trained_on=",".join(policy["train_tasks"]), n_train=policy["n_train"],
                             threshold=point["threshold"], min_layer=point["min_layer"])
                     if setting == "intra":  # the whole trade-off on the test documents (hindsight)
                         best = calibrate(test, scores, tolerance, criterion="accuracy")
-                        r = evaluate_exits(test, exit_layers(scores, best["threshold"], best["min_layer"]))
+                        r = evaluate(test, exit_layers(scores, best["threshold"], best["min_layer"]))
                         hindsight.append({"model": model, "task": spec.label, "policy": kind, "acc": r["policy_acc"],
                                           "layers_saved": r["layers_saved"], "agreement": r["agreement_with_full"],
                                           "threshold": best["threshold"], "min_layer": best["min_layer"]})
                         min_layer = policy["points"]["accuracy"]["min_layer"]
                         pts = []
                         for threshold in np.unique(np.quantile(scores, np.linspace(0, 1, 41))):
-                            r = evaluate_exits(test, exit_layers(scores, threshold, min_layer))
+                            r = evaluate(test, exit_layers(scores, threshold, min_layer))
                             pts.append([r["layers_saved"], r["policy_acc"]])
                         curves.append({"model": model, "task": spec.label, "policy": kind, "min_layer": min_layer, "points": pts})
     return {"rows": rows, "curves": curves, "hindsight": hindsight}

@@ -27,8 +27,7 @@ from pathlib import Path
 
 from .errors import AdaInferError
 from .pypi import package_versions
-
-FULL = "full"
+from .report import FULL
 ORACLE = "oracle"  # not a policy: the earliest layer after which each answer never changes (hindsight)
 
 

@@ -40,11 +40,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .errors import AdaInferError
 from .features import FEATURE_NAMES
 from .pypi import package_versions
-from .learned_policies import CRF_MAGIC, FORMAT, FORMAT_VERSION, CrfScorer, crf_item, sha256_bytes
+from .learned_policies import CRF_MAGIC, FORMAT, FORMAT_VERSION, CrfScorer, crf_item, sha256_bytes, standardize, svm_scores
 
 DEFAULT_TASKS = (
     "arc_easy_train", "arc_challenge_train", "boolq_train", "commonsense_qa_train",
@@ -124,7 +125,8 @@ def _scaler(x: np.ndarray) -> dict:
 
 
 def _z(scaler: dict, x: np.ndarray) -> np.ndarray:
-    return (x - np.array(scaler["mean"])) / np.array(scaler["scale"])
+    """Standardized features, by the function the shipped policies run at inference."""
+    return standardize({"scaler": scaler}, torch.from_numpy(np.asarray(x, dtype=np.float64))).numpy()
 
 
 def fit_svm(data: Data, y: np.ndarray, cols: list[int], C: float = 0.1) -> dict:
@@ -143,9 +145,9 @@ def fit_svm(data: Data, y: np.ndarray, cols: list[int], C: float = 0.1) -> dict:
 
 
 def svm_layer_scores(params: dict, data: Data, cols: list[int]) -> np.ndarray:
+    """Decision values [N, L-1], by the same function the shipped ``svm`` policy runs."""
     L = data.num_layers
-    z = _z(params["scaler"], data.feats[:, : L - 1, :][:, :, cols])
-    return z @ np.array(params["coef"]) + params["intercept"]
+    return svm_scores(params, torch.from_numpy(np.asarray(data.feats[:, : L - 1, :][:, :, cols], dtype=np.float64))).numpy()
 
 
 def fit_crf(data: Data, y: np.ndarray, cols: list[int], c2: float = 0.1, max_iterations: int = 200) -> dict:

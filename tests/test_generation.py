@@ -62,13 +62,7 @@ def _truncated(model, layers: int):
     short.config.num_hidden_layers = layers
     if getattr(short.config, "layer_types", None):
         short.config.layer_types = short.config.layer_types[:layers]
-    if arch_is_gpt2(short):
-        short.config.n_layer = layers
     return short
-
-
-def arch_is_gpt2(model) -> bool:
-    return model.config.model_type == "gpt2"
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2", "opt"])
@@ -207,3 +201,13 @@ def test_pruned_vocabulary_checks_while_generating(tiny_models):
         for step, token in enumerate(generated):
             per_token = [4] * (len(prompt) - 1) + out.exit_layers[row][: step + 1]
             assert int(_calm_reference_logits(model, prompt + generated[:step], per_token).argmax()) == token
+
+
+def test_cost_ratios_command(tiny_model_dirs, tiny_models, capsys):
+    from adainfer_lmeval import accounting
+
+    assert accounting.main([str(tiny_model_dirs["llama"])]) == 0
+    stack = DecoderStack(tiny_models["llama"])
+    out = capsys.readouterr().out
+    assert f"head {stack.head_matmul_params():,} ({stack.head_matmul_params() / stack.layer_matmul_params():.1f}x a layer)" in out
+    assert f"K/V fill of a skipped layer {stack.kv_matmul_params():,}" in out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import csv
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 
 from adainfer_lmeval.check import check_rows
 from adainfer_lmeval.errors import AdaInferError
-from adainfer_lmeval.report import compare_rows, load_runs, write_report
+from adainfer_lmeval.report import compare_rows, display_rows, load_runs, write_report
 from adainfer_lmeval.suite import Suite, run_suite
 
 pytestmark = pytest.mark.real
@@ -41,7 +42,11 @@ def test_report_numbers_equal_a_recomputation_from_the_samples(ci_runs):
     written = write_report(rows, out / "report")
     assert all(p.exists() for p in written.values())
     assert (out / "report" / "accuracy_vs_layers_saved.png").stat().st_size > 1000
-    assert "AT CHANCE" in written["markdown"].read_text() or not any(r["at_chance"] for r in rows)
+    # Every table row (macro-averages included) carries the chance note exactly when it is at chance.
+    table = list(csv.DictReader(written["csv"].open()))
+    assert [("AT CHANCE" in t["note"], t["policy"]) for t in table] == [
+        (r["at_chance"], r["policy"]) for r in display_rows(rows)
+    ]
 
 
 def test_suite_resumes_without_rerunning(ci_runs):

@@ -75,7 +75,8 @@ def test_task_specs():
 
 def test_sst2_halves_partition_and_sampling_never_crosses():
     halves = [st.sst2_half(i) for i in range(872)]
-    assert halves == [st.sst2_half(i) for i in range(872)]  # fixed
+    # pinned: the split must never move, or reported test documents would leak into training
+    assert halves[:12] == ["train", "test", "train", "test", "test", "train", "test", "test", "train", "test", "train", "test"]
     assert 380 < halves.count("train") < 492  # about half each
     assert halves != [st.sst2_half(i, seed=1) for i in range(872)]  # the seed matters
     tasks = {"sst2": SimpleNamespace(eval_docs=list(range(872)))}
@@ -163,7 +164,6 @@ def test_run_study_rows():
         hit = [l for l in range(r["min_layer"], test.num_layers) if doc[l - 1] >= r["threshold"]]
         exits.append(hit[0] if hit else test.num_layers)
     assert r["mean_exit_layer"] == pytest.approx(np.mean(exits))
-    assert 0 <= min(c["points"][0][0] for c in result["curves"])
     assert st.markdown_tables(result).count("| small | arc_easy | 0 |") == len(st.CRITERIA) + 1  # + the hindsight table
     for h in result["hindsight"]:  # the point picked on the test documents is within 1 point there
         full = next(r for r in rows if r["model"] == h["model"] and f"{r['task']}@{r['shots']}" == h["task"] and r["policy"] == "full")
