@@ -21,7 +21,7 @@ class CostModel:
     head_params: int  # weights multiplied per position by the exit head
     vocab_size: int
     kv_params: int = 0  # weights multiplied per token to fill one skipped layer's keys/values
-    hidden_size: int = 0
+    head_width: int = 0  # the head's input width (OPT: its word_embed_proj_dim, after project_out)
     check_vocab: int | None = None  # K of a pruned-vocabulary check (see .checks); None: full head
 
 
@@ -34,7 +34,7 @@ class CostModel:
             head_params=stack.head_matmul_params(),
             vocab_size=stack.vocab_size,
             kv_params=stack.kv_matmul_params(),
-            hidden_size=stack.hidden_size,
+            head_width=stack.head.in_features,
             check_vocab=check_vocab,
         )
 
@@ -54,16 +54,23 @@ class CostModel:
             flops += SOFTMAX_FLOPS_PER_WORD * self.vocab_size * positions
         return flops
 
-    def check_flops(self, checks: float, pruned: float = 0.0) -> float:
-        """``checks`` exit checks, ``pruned`` of them over ``check_vocab`` tokens (K head rows)."""
-        full = self.head_flops(1, with_softmax=True) * (checks - pruned)
-        if not pruned:
-            return full
-        k = self.check_vocab or self.vocab_size
-        extra = self.head_params - self.vocab_size * self.hidden_size  # OPT's project_out, if any
-        return full + pruned * (2 * (k * self.hidden_size + extra) + SOFTMAX_FLOPS_PER_WORD * k)
+    def check_flops(self, checks: float, pruned: float = 0.0, head_rows: float | None = None) -> float:
+        """``checks`` exit checks, ``pruned`` of them reading ``check_vocab`` tokens only.
 
-    def request(self, tokens: int, exit_layer: int, scored: int, checks: float, share: int = 1, pruned: float = 0.0) -> "ExitRecord":
+        ``head_rows``: the head rows they multiplied, as counted by the checks (a first check
+        picked from head clusters multiplies the centroids and the probed clusters' rows); by
+        default the full head for a full check and K rows for a pruned one. Softmax and top-2
+        run over the vocabulary for a full check and over K tokens otherwise.
+        """
+        k = self.check_vocab or self.vocab_size
+        full = checks - pruned
+        if head_rows is None:
+            head_rows = full * self.vocab_size + pruned * k
+        extra = self.head_params - self.vocab_size * self.head_width  # OPT's project_out, if any
+        return 2 * (head_rows * self.head_width + extra * checks) + SOFTMAX_FLOPS_PER_WORD * (full * self.vocab_size + pruned * k)
+
+    def request(self, tokens: int, exit_layer: int, scored: int, checks: float, share: int = 1, pruned: float = 0.0,
+                head_rows: float | None = None) -> "ExitRecord":
         """The record of one request that ran ``exit_layer`` layers over ``tokens`` tokens.
 
         ``share``: requests scored off the same computed row (identical inputs, as with
@@ -71,12 +78,13 @@ class CostModel:
         group's exit-head evaluations.
         """
         rows = (exit_layer * self.layer_flops(tokens) + self.head_flops(scored)) / share
-        flops = rows + self.check_flops(checks, pruned)
+        flops = rows + self.check_flops(checks, pruned, head_rows)
         full = (self.num_layers * self.layer_flops(tokens) + self.head_flops(scored)) / share
         return ExitRecord(float(exit_layer), self.num_layers, flops, full, checks)
 
 
-    def generation(self, prompt_tokens: int, exit_layers: list[int], checks: list[int], pruned: list[int] | None = None) -> "ExitRecord":
+    def generation(self, prompt_tokens: int, exit_layers: list[int], checks: list[int], pruned: list[int] | None = None,
+                   head_rows: list[int] | None = None) -> "ExitRecord":
         """The record of one generation request: the prompt, then one step per generated token.
 
         The prompt's tokens but the last run every layer (later tokens attend to them
@@ -88,12 +96,13 @@ class CostModel:
         prefill = self.num_layers * self.layer_flops(prompt_tokens - 1) if prompt_tokens > 1 else 0.0
         flops = full = prefill
         pruned = pruned or [0] * len(checks)
-        for step, (layer, check, pruned_check) in enumerate(zip(exit_layers, checks, pruned)):
+        head_rows = head_rows or [None] * len(checks)
+        for step, (layer, check, pruned_check, rows) in enumerate(zip(exit_layers, checks, pruned, head_rows)):
             per_layer = self.step_flops(prompt_tokens - 1 + step)
             flops += layer * per_layer + (self.num_layers - layer) * 2 * self.kv_params
-            flops += self.check_flops(check, pruned_check)
+            flops += self.check_flops(check, pruned_check, rows)
             # the head once more where no full check's logits could serve: at the last layer,
-            # and at an exit whose check was pruned
+            # and at an exit whose check read K tokens only
             flops += self.head_flops(1) if layer == self.num_layers or pruned_check else 0.0
             full += self.num_layers * per_layer + self.head_flops(1)
         tokens = len(exit_layers)

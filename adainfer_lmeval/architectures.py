@@ -226,17 +226,23 @@ class DecoderStack:
 
     def exit_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The model's own final norm and head applied to an intermediate hidden state."""
-        return self._softcap(self.head(self._final_norm(hidden)))
+        return self._softcap(self.head(self.final_norm(hidden)))
 
     def exit_logits_over(self, hidden: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """Exit logits [rows, K] of ``token_ids`` [rows, K] only: the final norm, then K head rows."""
-        weight = self.head.weight[token_ids]  # [rows, K, hidden]
-        logits = torch.bmm(weight, self._final_norm(hidden).unsqueeze(-1).to(weight.dtype)).squeeze(-1)
+        return self.head_logits_over(self.final_norm(hidden), token_ids)
+
+    def head_logits_over(self, normed: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """The head's logits [rows, K] of ``token_ids`` [rows, K] for states already through the final norm."""
+        rows, k = token_ids.shape
+        # index_select copies whole rows; advanced indexing is several times slower on a CPU
+        weight = self.head.weight.index_select(0, token_ids.reshape(-1)).view(rows, k, -1)
+        logits = torch.bmm(weight, normed.unsqueeze(-1).to(weight.dtype)).squeeze(-1)
         if self.head.bias is not None:
             logits = logits + self.head.bias[token_ids]
         return self._softcap(logits)
 
-    def _final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         for module in self._norms:  # the final norm (and OPT's project_out)
             hidden = module(hidden)
         return hidden

@@ -44,9 +44,14 @@ DEFAULT_THRESHOLDS = {
     "qwen2.5-coder-0.5b": {"gap": 0.6, "min_layer": 22},
 }
 DEFAULT_CHECK_VOCAB = 64  # K of the pruned-vocabulary checks variant (adainfer_lmeval/checks.py)
+#: The head-clusters variant per model (adainfer_lmeval/head_clusters.py): the fewest head rows
+#: per pick with top-1 recall near 99% where the threshold consults (reports/benchmark/README.md).
+DEFAULT_CHECK_CLUSTERS = {"smollm2-135m": {"check_clusters": 256},
+                          "qwen2.5-coder-0.5b": {"check_clusters": 2048, "check_probes": 32}}
+CHECK_ARGS = ("check_vocab", "check_clusters", "check_probes")
 OTHERS_QUIET = 0.25  # cores other processes may use during the timed passes for "quiet"
 COLUMNS = ["model", "batch", "variant", "mean layers", "ideal speedup", "measured speedup", "measured/ideal",
-           "time vs hf", "median s", "requests"]
+           "time vs hf", "median s", "requests", "same exits as full checks"]
 
 
 @dataclass
@@ -67,14 +72,22 @@ class Variant:
 
 
 def variants_for(model_name: str, threshold: dict | None = None, svm: bool = True, log=print,
-                 check_vocab: int | None = DEFAULT_CHECK_VOCAB) -> list[Variant]:
-    """hf, full, threshold (also with pruned-vocabulary checks) and (if shipped for this model) svm."""
+                 check_vocab: int | None = DEFAULT_CHECK_VOCAB, check_clusters: int | None = None) -> list[Variant]:
+    """hf, full, threshold and (if shipped for this model) svm; the policies also with cheap
+    checks: pruned-vocabulary (``check_vocab``), and its first check picked from head clusters
+    (``check_clusters``)."""
     out = [Variant("hf"), Variant("full")]
+    cheap = []  # the check args of the cheap-check variants
+    clusters = DEFAULT_CHECK_CLUSTERS.get(model_name) if check_clusters is None else (
+        {"check_clusters": check_clusters} if check_clusters else None)
+    if check_vocab:
+        cheap.append({"check_vocab": check_vocab})
+        if clusters:
+            cheap.append({"check_vocab": check_vocab, **clusters})
     threshold = threshold if threshold is not None else DEFAULT_THRESHOLDS.get(model_name)
     if threshold:
         out.append(Variant("threshold", dict(threshold)))
-        if check_vocab:
-            out.append(Variant("threshold", {**threshold, "check_vocab": check_vocab}))
+        out.extend(Variant("threshold", {**threshold, **args}) for args in cheap)
     if svm:
         try:
             from . import learned_policies
@@ -83,6 +96,7 @@ def variants_for(model_name: str, threshold: dict | None = None, svm: bool = Tru
             path = learned_policies.shipped_path(model_name, "svm")
             if "svm" in registered_policies() and path.is_file():
                 out.append(Variant("svm"))
+                out.extend(Variant("svm", dict(args)) for args in cheap[-1:])
             else:
                 log(f"[benchmark] {model_name}: no shipped svm policy ({path}); skipping policy=svm")
         except Exception as exc:  # learned policies absent or broken: skip, say why
@@ -256,6 +270,10 @@ def _records(responses) -> list:
     return [r.exit for r in responses if hasattr(r, "exit")]
 
 
+def _without_check_args(variant: Variant) -> Variant:
+    return Variant(variant.name, {k: v for k, v in variant.policy_args.items() if k not in CHECK_ARGS})
+
+
 def _ideal(records) -> tuple[float, float]:
     """(mean layers, ideal speedup = full-depth FLOPs / executed FLOPs)."""
     flops = sum(r.flops for r in records)
@@ -298,7 +316,7 @@ class EngineTimer:
     def __enter__(self):
         stack, eng = self.engine.stack, self.engine
         self._saved = (stack.run_layer, stack.exit_logits, stack.layer_inputs, stack.embed, eng._emit, eng.run,
-                       self.module.compute_features, stack.exit_logits_over)
+                       self.module.compute_features, stack.head_logits_over)
 
         def count_check(args):
             self.calls["checks"] += 1
@@ -309,7 +327,8 @@ class EngineTimer:
 
         stack.run_layer = self._wrap(self._saved[0], "layers", count_layer)
         stack.exit_logits = self._wrap(self._saved[1], "check_head", count_check)
-        stack.exit_logits_over = self._wrap(self._saved[7], "check_head", count_check)
+        # K head rows (pruned checks) and the probed clusters' rows (picks) both go through here
+        stack.head_logits_over = self._wrap(self._saved[7], "check_head", count_check)
         stack.layer_inputs = self._wrap(self._saved[2], "layer_inputs")
         stack.embed = self._wrap(self._saved[3], "embed")
         emit = self._saved[4]
@@ -330,7 +349,7 @@ class EngineTimer:
 
     def __exit__(self, *exc):
         stack, eng = self.engine.stack, self.engine
-        for obj, name in ((stack, "run_layer"), (stack, "exit_logits"), (stack, "exit_logits_over"), (stack, "layer_inputs"),
+        for obj, name in ((stack, "run_layer"), (stack, "exit_logits"), (stack, "head_logits_over"), (stack, "layer_inputs"),
                           (stack, "embed"), (eng, "_emit"), (eng, "run")):
             obj.__dict__.pop(name, None)  # drop the instance-level wrapper
         self.module.compute_features = self._saved[6]
@@ -364,13 +383,17 @@ def _median_seconds(fn, min_run_time: float) -> float:
 @torch.no_grad()
 def decision_cost(stack, costs, tokens: int = 128, min_run_time: float = 1.0, batch_rows: int = 16,
                   check_vocab: int = DEFAULT_CHECK_VOCAB) -> dict:
-    """One exit decision (norm + head + softmax + top-2 at one position) vs one layer at ``tokens``."""
+    """One exit decision (norm + head + softmax + top-2 at one position) vs one layer at ``tokens``,
+    and a pruned decision (K head rows). A pick from head clusters is timed by
+    :func:`picker_recall` on real states: its cost depends on the state.
+    """
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, stack.vocab_size, (1, tokens), generator=g)
     hidden = stack.embed(ids)
     inputs = stack.layer_inputs(hidden)
-    hidden = stack.run_layer(0, hidden, inputs)  # a realistic hidden state for the later layers
     middle = stack.num_layers // 2
+    for index in range(middle):  # a hidden state from where policies decide
+        hidden = stack.run_layer(index, hidden, inputs)
     state1 = hidden[:, -1].contiguous()  # [1, H]
     state_b = hidden[0, -batch_rows:].contiguous() if tokens >= batch_rows else hidden[0].repeat(batch_rows, 1)
 
@@ -401,6 +424,43 @@ def decision_cost(stack, costs, tokens: int = 128, min_run_time: float = 1.0, ba
         f"decision_{batch_rows}rows_pct_of_layer": 100 * decide_b_s / layer_s,
         "flops_pct_of_layer": ideal_pct,
     }
+
+
+@torch.no_grad()
+def picker_recall(stack, head_clusters, requests: list, first_layer: int, k: int = DEFAULT_CHECK_VOCAB,
+                  max_length: int = 2048, min_run_time: float = 1.0) -> dict:
+    """How well the head clusters pick a first check's candidates, on real requests.
+
+    Each distinct context runs at full depth once; at every layer from ``first_layer`` (where
+    the policy starts consulting) to L-1, at the decision position (the context's last token),
+    the picked K candidates are compared with the full head: is its top-1 among them, and how
+    far the gap (p1 - p2 over K tokens) read off the picked candidates is from the one read
+    off the full head's top K (what ``check_vocab`` alone computes). The picks are then timed
+    again on those same states (how many rows a pick multiplies depends on the state).
+    """
+    contexts = sorted({tuple(ctx[-max_length:]) for _, ctx, _ in requests})
+    hits, gap_errors, rows, states = [], [], [], []
+    for ctx in contexts:
+        hidden = stack.embed(torch.tensor([list(ctx)], device=stack.head.weight.device))
+        inputs = stack.layer_inputs(hidden)
+        for layer in range(1, stack.num_layers):
+            hidden = stack.run_layer(layer - 1, hidden, inputs)
+            if layer < first_layer:
+                continue
+            state = hidden[:, -1].contiguous()
+            states.append(state)
+            top = stack.exit_logits(state)[0].topk(k)
+            ids, logits, used = head_clusters.pick(stack, state, k)
+            hits.append(int(top.indices[0]) in set(ids[0].tolist()))
+            gap = lambda values: float(torch.softmax(values.float(), -1).topk(2).values.diff().neg())  # noqa: E731
+            gap_errors.append(abs(gap(logits[0]) - gap(top.values)))
+            rows.append(int(used[0]))
+    pick_s = _median_seconds(lambda: [head_clusters.pick(stack, state, k) for state in states], min_run_time) / len(states)
+    return {"clusters": head_clusters.clusters, "probes": head_clusters.probes,
+            "first_layer": first_layer, "checks": len(hits), "contexts": len(contexts), "pick_ms": 1000 * pick_s,
+            "top1_recall": sum(hits) / len(hits), "mean_abs_gap_error": sum(gap_errors) / len(gap_errors),
+            "gap_error_over_0.05": sum(e > 0.05 for e in gap_errors) / len(gap_errors),
+            "mean_head_rows": sum(rows) / len(rows), "head_rows_pct_of_vocab": 100 * sum(rows) / len(rows) / stack.vocab_size}
 
 
 # ---- the benchmark ------------------------------------------------------------------------------
@@ -459,6 +519,11 @@ def benchmark_model(model_name: str, model, tokenizer, requests: list, variants:
                 num_layers = records[0].num_layers
                 row["mean_layers"], row["ideal_speedup"] = _ideal(records)
                 row["checks_per_request"] = sum(r.checks for r in records) / len(records)
+                base = _without_check_args(v)
+                if base != v and base.label in by_label:  # cheap checks: do they decide as full ones do?
+                    reference = _records(responses[(base.label, bs)])
+                    row["same_exit_as_full_checks"] = sum(
+                        a.layers == b.layers for a, b in zip(records, reference)) / len(records)
             if "full" in labels and not v.is_hf:
                 # paired by repeat: each repeat ran full and this variant back to back
                 row["measured_speedup"] = statistics.median(
@@ -483,6 +548,15 @@ def benchmark_model(model_name: str, model, tokenizer, requests: list, variants:
               "load_during": {"min": min(loads), "max": max(loads), "median": statistics.median(loads),
                               **monitor.summary()}}
     some_adainfer = next((lm for (label, _), lm in backends.items() if label != "hf"), None)
+    clustered = next((lm.engine.head_clusters for (label, _), lm in backends.items()
+                      if label != "hf" and lm.engine.head_clusters is not None), None)
+    if clustered is not None:
+        first = min((lm.engine.policy.min_layer for (label, _), lm in backends.items()
+                     if label != "hf" and lm.engine.head_clusters is not None and hasattr(lm.engine.policy, "min_layer")),
+                    default=1)
+        lm = some_adainfer
+        result["picker_recall"] = picker_recall(lm.engine.stack, clustered, requests, first, check_vocab or DEFAULT_CHECK_VOCAB,
+                                                lm.max_length, min_run_time)
     if some_adainfer is not None:
         result["decision_cost"] = decision_cost(some_adainfer.engine.stack, some_adainfer.costs,
                                                 tokens=decision_tokens, min_run_time=min_run_time,
@@ -503,7 +577,8 @@ def table_rows(results: list[dict]) -> list[list]:
             layers = "-" if r["mean_layers"] is None else f"{r['mean_layers']:.1f}/{res['num_layers']}"
             out.append([r["model"], r["batch"], r["variant"], layers, f(r["ideal_speedup"], ".2f"),
                         f(r["measured_speedup"], ".2f"), f(r["measured_over_ideal"], ".2f"),
-                        f(r["time_vs_hf"], ".3f"), f(r["median_s"], ".2f"), r["requests"]])
+                        f(r["time_vs_hf"], ".3f"), f(r["median_s"], ".2f"), r["requests"],
+                        f(None if r.get("same_exit_as_full_checks") is None else 100 * r["same_exit_as_full_checks"], ".0f")])
     return out
 
 
@@ -533,7 +608,21 @@ def format_tables(results: list[dict]) -> str:
     br_table = tabulate(br, headers=["model", "variant@batch", "total s", "layers %", "check head %",
                                      "check softmax+top2 %", "emit head %", "masks/rope %", "embed %",
                                      "engine other %", "backend other %", "check calls"], tablefmt="github")
-    return f"{main_table}\n\nExit decision vs one decoder layer (synthetic sequence, torch timer medians):\n\n{dec_table}\n\nWhere the adainfer time goes (one instrumented pass each):\n\n{br_table}"
+    rec = []
+    for res in results:
+        r, d = res.get("picker_recall"), res.get("decision_cost") or {}
+        if r:
+            rec.append([res["model"], r["clusters"], r["probes"], f"{r['first_layer']}..{res['num_layers'] - 1}",
+                        r["checks"], f"{100 * r['top1_recall']:.1f}", f"{r['mean_abs_gap_error']:.4f}",
+                        f"{100 * r['gap_error_over_0.05']:.1f}", f"{r['mean_head_rows']:.0f} ({r['head_rows_pct_of_vocab']:.1f}%)",
+                        f"{r['pick_ms']:.3f}", f"{100 * r['pick_ms'] / d['layer_ms']:.2f}" if d.get("layer_ms") else "-"])
+    rec_table = tabulate(rec, headers=["model", "clusters", "probes", "layers", "checks", "top-1 recall %",
+                                       "mean |gap error|", "gap error > 0.05 %", "head rows per pick (% of vocab)",
+                                       "pick ms (these states)", "pick % of layer"],
+                         tablefmt="github") if rec else "(no head-clusters variant)"
+    return (f"{main_table}\n\nExit decision vs one decoder layer (synthetic sequence, torch timer medians):\n\n{dec_table}"
+            f"\n\nHead-clusters picker against the full head, on the benchmark's contexts at full depth:\n\n{rec_table}"
+            f"\n\nWhere the adainfer time goes (one instrumented pass each):\n\n{br_table}")
 
 
 def write_report(out_dir: Path, payload: dict) -> None:
@@ -581,7 +670,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="MODEL:gap=0.6,min_layer=20 (overrides the default operating point for MODEL)")
     parser.add_argument("--no_svm", action="store_true")
     parser.add_argument("--check_vocab", type=int, default=DEFAULT_CHECK_VOCAB,
-                        help="K of the threshold variant with pruned-vocabulary checks (0: no such variant)")
+                        help="K of the variants with pruned-vocabulary checks (0: no such variants)")
+    parser.add_argument("--check_clusters", type=int, default=None,
+                        help="C of the variants whose first check picks its K candidates from C head clusters "
+                             f"(default per model: {DEFAULT_CHECK_CLUSTERS}; 0: no such variants)")
     parser.add_argument("--no_profile", action="store_true", help="skip the instrumented breakdown pass")
     parser.add_argument("--decision_tokens", type=int, default=128)
     parser.add_argument("--wait_quiet", type=float, default=20.0, help="minutes to wait for a quiet machine")
@@ -640,7 +732,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[benchmark] loading {name} from {folder}", flush=True)
         model = transformers.AutoModelForCausalLM.from_pretrained(folder).to(a.device).eval()
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-        variants = variants_for(name, thresholds.get(name), svm=not a.no_svm, check_vocab=a.check_vocab or None)
+        variants = variants_for(name, thresholds.get(name), svm=not a.no_svm, check_vocab=a.check_vocab or None,
+                                check_clusters=a.check_clusters)
         tokenizing_lm = make_backend(Variant("hf"), model, tokenizer, 1, a.device)
         requests, counts[name] = build_requests(tokenizing_lm, task_limits[name], manager)
         print(f"[benchmark] {name}: {len(requests)} requests; variants {[v.label for v in variants]}", flush=True)

@@ -12,6 +12,11 @@ over those K tokens (p1 and gap a little higher than over the full vocabulary: t
 mass is left out). The answer itself never comes from a pruned check: a row that exits gets
 the full head at its scored positions.
 
+``check_clusters=C`` (with ``check_vocab``) takes the first check's candidates from a
+balanced clustering of the head's rows instead of the full head (:mod:`.head_clusters`), so
+that no check multiplies the whole head: the first costs C + probes·S head rows, the later
+ones K.
+
 Knows nothing of lm-eval or policies' internals: it gets the feature names to compute.
 """
 
@@ -25,27 +30,30 @@ from .features import compute_features
 class ExitChecks:
     """Checks for ``slots`` decision makers (groups, or generation rows) over one pass."""
 
-    def __init__(self, stack, vocab: int | None, slots: int, device):
+    def __init__(self, stack, vocab: int | None, slots: int, device, clusters=None):
         self.stack = stack
         self.vocab = None if vocab is None or vocab >= stack.vocab_size else int(vocab)
+        self.clusters = clusters if self.vocab is not None else None  # a HeadClusters, or None
         if self.vocab is not None:
             self.candidates = torch.zeros(slots, self.vocab, dtype=torch.long, device=device)
             self.pruned = torch.zeros(slots, dtype=torch.bool, device=device)
 
     def consult(self, names, state, previous, layer: int, num_layers: int, slots: torch.Tensor):
-        """(features [n, len(names)], full-vocabulary logits or None, bool [n]: pruned check).
+        """(features [n, len(names)], full-vocabulary logits or None, bool [n]: the check read
+        K tokens (pruned, or picked from head clusters), long [n]: head rows it multiplied).
 
         The logits are returned only when every row of this call used the full head (so the
         caller may reuse them as exit logits).
         """
         stack = self.stack
+        n = len(state)
+        head_rows = torch.full((n,), stack.vocab_size, dtype=torch.long, device=state.device)
         if self.vocab is None:
             logits = stack.exit_logits(state)
-            return compute_features(names, logits, state, previous, layer, num_layers), logits, torch.zeros(
-                len(state), dtype=torch.bool, device=state.device
-            )
+            features = compute_features(names, logits, state, previous, layer, num_layers)
+            return features, logits, torch.zeros(n, dtype=torch.bool, device=state.device), head_rows
         pruned = self.pruned[slots]
-        features = torch.empty(len(state), len(names), device=state.device)
+        features = torch.empty(n, len(names), device=state.device)
         full_logits = None
         for use_pruned in (False, True):
             pick = pruned if use_pruned else ~pruned
@@ -55,10 +63,15 @@ class ExitChecks:
             rows_previous = previous[pick] if previous is not None else None
             if use_pruned:
                 logits = stack.exit_logits_over(rows_state, self.candidates[slots[pick]])
+                head_rows[pick] = self.vocab
+            elif self.clusters is not None:  # first check: candidates from the probed clusters
+                self.candidates[slots[pick]], logits, head_rows[pick] = self.clusters.pick(stack, rows_state, self.vocab)
+                self.pruned[slots[pick]] = True
             else:
                 logits = stack.exit_logits(rows_state)
                 self.candidates[slots[pick]] = logits.topk(self.vocab, dim=-1).indices
                 self.pruned[slots[pick]] = True
                 full_logits = logits if not bool(pruned.any()) else None
             features[pick] = compute_features(names, logits, rows_state, rows_previous, layer, num_layers).to(features.dtype)
-        return features, full_logits, pruned
+        over_k = torch.ones_like(pruned) if self.clusters is not None else pruned
+        return features, full_logits, over_k, head_rows

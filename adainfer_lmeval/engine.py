@@ -17,7 +17,9 @@ import torch
 
 from .architectures import DecoderStack
 from .checks import ExitChecks
+from .errors import AdaInferError
 from .features import FEATURE_NAMES, compute_features
+from .head_clusters import HeadClusters
 from .policies import ExitPolicy
 
 
@@ -45,7 +47,8 @@ class ExitResult:
     exit_layers: list[int]  # per row: the layer whose hidden states gave its logits
     logits: list[torch.Tensor]  # per row: [n_scored, vocab] exit logits at the scored positions
     checks: list[int]  # per row: exit-head evaluations made for its group's decision
-    pruned_checks: list[int]  # per row: how many of those were over a pruned vocabulary (check_vocab)
+    pruned_checks: list[int]  # per row: how many of those read K tokens only (check_vocab)
+    check_rows: list[int]  # per row: head rows its group's checks multiplied
 
 
 @dataclass
@@ -56,12 +59,20 @@ class LayerView:
 
 
 class EarlyExitEngine:
-    """``check_vocab``: None for full-vocabulary checks, K for pruned ones (see :mod:`.checks`)."""
+    """``check_vocab``: None for full-vocabulary checks, K for pruned ones (see :mod:`.checks`);
+    ``check_clusters``: C to pick a row's first K candidates from C head clusters instead of the
+    full head, probing ``check_probes`` of them (see :mod:`.head_clusters`; needs ``check_vocab``)."""
 
-    def __init__(self, model, policy: ExitPolicy, check_vocab: int | None = None):
+    def __init__(self, model, policy: ExitPolicy, check_vocab: int | None = None, check_clusters: int | None = None,
+                 check_probes: int | None = None):
         self.stack = DecoderStack(model)
         self.policy = policy
         self.check_vocab = check_vocab
+        self.head_clusters = None
+        if check_clusters:
+            if not check_vocab:
+                raise AdaInferError("check_clusters needs check_vocab=K (the candidates it picks); add e.g. check_vocab=64")
+            self.head_clusters = HeadClusters.for_head(self.stack.head.weight, int(check_clusters), check_probes)
         policy.bind(self.stack.identity())
 
     @property
@@ -85,7 +96,8 @@ class EarlyExitEngine:
         )
         checks = torch.zeros(n_groups, dtype=torch.long, device=groups.device)
         pruned_checks = torch.zeros(n_groups, dtype=torch.long, device=groups.device)  # of those, pruned-vocabulary
-        exit_checks = ExitChecks(stack, self.check_vocab, n_groups, groups.device)
+        check_rows = torch.zeros(n_groups, dtype=torch.long, device=groups.device)  # head rows they multiplied
+        exit_checks = ExitChecks(stack, self.check_vocab, n_groups, groups.device, self.head_clusters)
         # Python copies of the spans: reading tensors element by element would sync a GPU.
         spans = list(zip(decision.tolist(), lengths.tolist()))
         previous_state = None  # decision-position hidden state of the last layer, for "cosine"
@@ -113,10 +125,11 @@ class EarlyExitEngine:
             check_logits = None
             if features:
                 prev = previous_state[speaker_groups] if previous_state is not None else None
-                feats, check_logits, was_pruned = exit_checks.consult(features, state, prev, layer, num_layers, speaker_groups)
+                feats, check_logits, was_pruned, head_rows = exit_checks.consult(features, state, prev, layer, num_layers, speaker_groups)
                 history[speaker_groups, layer] = feats.to(history.dtype)
                 checks[speaker_groups] += 1
                 pruned_checks[speaker_groups] += was_pruned.long()
+                check_rows[speaker_groups] += head_rows
             if "cosine" in features:
                 previous_state = self._remember(previous_state, state, speaker_groups, n_groups)
             stop = policy.decide(layer, num_layers, history[speaker_groups, : layer + 1])
@@ -142,7 +155,8 @@ class EarlyExitEngine:
             hidden = stack.run_layer(num_layers - 1, hidden, inputs)
             self._emit(hidden, active, num_layers, spans, exit_layers, logits_out)
 
-        return ExitResult(exit_layers, logits_out, checks[groups].tolist(), pruned_checks[groups].tolist())  # type: ignore[arg-type]
+        return ExitResult(exit_layers, logits_out, checks[groups].tolist(), pruned_checks[groups].tolist(),  # type: ignore[arg-type]
+                          check_rows[groups].tolist())
 
     @torch.no_grad()
     def trace(self, batch: ExitBatch):

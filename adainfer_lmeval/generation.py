@@ -39,7 +39,8 @@ class GenerationOutput:
     sequences: torch.Tensor  # [rows, prompt width + steps]: the prompt, then the tokens, pad after a row ends
     exit_layers: list[list[int]]  # per row, per generated token: the layer its logits came from
     checks: list[list[int]]  # per row, per generated token: exit-head evaluations made for it
-    pruned_checks: list[list[int]]  # per row, per generated token: of those, over a pruned vocabulary
+    pruned_checks: list[list[int]]  # per row, per generated token: of those, over K tokens only
+    check_rows: list[list[int]]  # per row, per generated token: head rows its checks multiplied
     prompt_lengths: list[int]  # real (unpadded) prompt tokens per row
 
 
@@ -48,6 +49,7 @@ class EarlyExitGenerator:
         self.stack = engine.stack
         self.policy = engine.policy
         self.check_vocab = engine.check_vocab
+        self.head_clusters = engine.head_clusters
 
     @torch.no_grad()
     def generate(
@@ -89,11 +91,12 @@ class EarlyExitGenerator:
         exit_layers: list[list[int]] = [[] for _ in range(rows)]
         checks: list[list[int]] = [[] for _ in range(rows)]
         pruned_checks: list[list[int]] = [[] for _ in range(rows)]
+        check_rows: list[list[int]] = [[] for _ in range(rows)]
         current = input_ids[:, width - 1].clone()
         running = torch.arange(rows, device=device)
         for step in range(max_new_tokens):
             slot = width - 1 + step
-            logits, layers, counts, pruned_counts = self._step(current[running], running, slot, positions, valid, cache)
+            logits, layers, counts, pruned_counts, rows_counts = self._step(current[running], running, slot, positions, valid, cache)
             tokens = logits.argmax(-1)
             current[running] = tokens
             still = []
@@ -103,6 +106,7 @@ class EarlyExitGenerator:
                 exit_layers[row].append(layers[k])
                 checks[row].append(counts[k])
                 pruned_checks[row].append(pruned_counts[k])
+                check_rows[row].append(rows_counts[k])
                 done = token in eos or (finished is not None and finished(generated[row]))
                 still.append(not done)
             running = running[torch.tensor(still, dtype=torch.bool, device=device)]
@@ -115,7 +119,7 @@ class EarlyExitGenerator:
         for row, tokens in enumerate(generated):
             sequences[row, width : width + len(tokens)] = torch.tensor(tokens, dtype=input_ids.dtype)
         prompt_lengths = attention_mask.long().sum(-1).tolist()
-        return GenerationOutput(sequences, exit_layers, checks, pruned_checks, prompt_lengths)
+        return GenerationOutput(sequences, exit_layers, checks, pruned_checks, check_rows, prompt_lengths)
 
     def _step(self, tokens, rows, slot, positions, valid, cache):
         """One token per row in ``rows`` at cache slot ``slot``: (logits [n, vocab], exit layers, checks)."""
@@ -129,8 +133,9 @@ class EarlyExitGenerator:
         logits = torch.empty(n, stack.vocab_size, device=tokens.device)
         exit_layers = [num_layers] * n
         checks = torch.zeros(n, dtype=torch.long, device=tokens.device)
-        pruned = torch.zeros(n, dtype=torch.long, device=tokens.device)  # of the checks, over a pruned vocabulary
-        exit_checks = ExitChecks(stack, self.check_vocab, n, tokens.device)
+        pruned = torch.zeros(n, dtype=torch.long, device=tokens.device)  # of the checks, over K tokens only
+        head_rows = torch.zeros(n, dtype=torch.long, device=tokens.device)  # head rows the checks multiplied
+        exit_checks = ExitChecks(stack, self.check_vocab, n, tokens.device, self.head_clusters)
         history = torch.full((n, num_layers + 1, len(features)), float("nan"), device=tokens.device)
         alive = torch.arange(n, device=tokens.device)  # step rows still running layers
         tracks_cosine = "cosine" in features  # the cosine feature compares with the layer before
@@ -145,10 +150,11 @@ class EarlyExitGenerator:
             consult = policy.consults_at(layer, num_layers)
             check_logits = None
             if consult and features:  # a policy without features (static) needs no exit head
-                feats, check_logits, was_pruned = exit_checks.consult(features, state, previous, layer, num_layers, alive)
+                feats, check_logits, was_pruned, rows_used = exit_checks.consult(features, state, previous, layer, num_layers, alive)
                 history[alive, layer] = feats.to(history.dtype)
                 checks[alive] += 1
                 pruned[alive] += was_pruned.long()
+                head_rows[alive] += rows_used
             if tracks_cosine:
                 previous = state
             if not consult:
@@ -171,4 +177,4 @@ class EarlyExitGenerator:
                 break
             hidden, alive, inputs = hidden[keep], alive[keep], inputs.select(keep)
             previous = previous[keep] if tracks_cosine else None
-        return logits, exit_layers, checks.tolist(), pruned.tolist()
+        return logits, exit_layers, checks.tolist(), pruned.tolist(), head_rows.tolist()

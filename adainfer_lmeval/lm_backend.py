@@ -69,8 +69,15 @@ def _hflm_arg_names() -> set[str]:
     return {n for n in inspect.signature(HFLM.__init__).parameters if n not in ("self", "kwargs")}
 
 
-def _check_vocab(value) -> int | None:
-    """``check_vocab=K`` (pruned-vocabulary exit checks, see :mod:`.checks`); none/0: full head."""
+CHECK_ARGS = {  # model args of the exit checks: what each counts (see .checks, .head_clusters)
+    "check_vocab": "tokens kept per exit check",
+    "check_clusters": "head clusters the first check's candidates are picked from",
+    "check_probes": "head clusters a first check probes; default check_clusters/32",
+}
+
+
+def _check_arg(name: str, value) -> int | None:
+    """``check_vocab=K`` / ``check_clusters=C``: an integer >= 2; none/0: switched off."""
     if value in (None, "", "none", "None", 0, "0"):
         return None
     try:
@@ -78,14 +85,14 @@ def _check_vocab(value) -> int | None:
     except (TypeError, ValueError):
         k = -1
     if k < 2:
-        raise AdaInferError(f"check_vocab={value!r} must be an integer >= 2 (tokens kept per exit check), or none")
+        raise AdaInferError(f"{name}={value!r} must be an integer >= 2 ({CHECK_ARGS[name]}), or none")
     return k
 
 
 def split_model_args(policy: str, kwargs: dict):
     """(the exit policy, the args left for HFLM); one-line errors for unknown or bad args."""
     policy_names = policy_arg_names()
-    valid = _hflm_arg_names() | policy_names | {"pretrained", "check_vocab"}
+    valid = _hflm_arg_names() | policy_names | {"pretrained"} | set(CHECK_ARGS)
     unknown = sorted(set(kwargs) - valid)
     if unknown:
         raise AdaInferError(f"unknown model arg(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
@@ -94,7 +101,12 @@ def split_model_args(policy: str, kwargs: dict):
             "parallelize=True (one model split over several GPUs) is not supported by the early-exit engine; "
             "run data-parallel instead: accelerate launch -m adainfer_lmeval ..."
         )
-    _check_vocab(kwargs.get("check_vocab"))
+    for name in CHECK_ARGS:
+        _check_arg(name, kwargs.get(name))
+    if _check_arg("check_clusters", kwargs.get("check_clusters")) and not _check_arg("check_vocab", kwargs.get("check_vocab")):
+        raise AdaInferError("check_clusters needs check_vocab=K (the candidates it picks); add e.g. check_vocab=64")
+    if _check_arg("check_probes", kwargs.get("check_probes")) and not _check_arg("check_clusters", kwargs.get("check_clusters")):
+        raise AdaInferError("check_probes needs check_clusters=C (the clusters it probes); add e.g. check_clusters=1024")
     policy_args = {k: v for k, v in kwargs.items() if k in policy_names}
     rest = {k: v for k, v in kwargs.items() if k not in policy_names}
     return build_policy(str(policy), policy_args), rest
@@ -108,10 +120,12 @@ def check_model_args(arg_string: str) -> None:
 
 @register_model("adainfer")
 class AdaInferLM(HFLM):
-    def __init__(self, pretrained=DEFAULT_MODEL, policy: str = "full", check_vocab: int | None = None, **kwargs):
+    def __init__(self, pretrained=DEFAULT_MODEL, policy: str = "full", check_vocab: int | None = None,
+                 check_clusters: int | None = None, check_probes: int | None = None, **kwargs):
         # Build the policy first: a typo in its args should fail before a model loads.
-        exit_policy, kwargs = split_model_args(policy, kwargs)
-        check_vocab = _check_vocab(check_vocab)
+        checks = {"check_vocab": check_vocab, "check_clusters": check_clusters, "check_probes": check_probes}
+        exit_policy, kwargs = split_model_args(policy, {**kwargs, **checks})
+        checks = {name: _check_arg(name, kwargs.pop(name)) for name in CHECK_ARGS}
         if isinstance(pretrained, str):
             from .model_zoo import resolve_pretrained
 
@@ -119,9 +133,9 @@ class AdaInferLM(HFLM):
         super().__init__(pretrained=pretrained, **kwargs)
         if self.backend != "causal":
             raise AdaInferError("adainfer needs a decoder-only (causal) model; seq2seq models are not supported")
-        self.engine = EarlyExitEngine(self.model, exit_policy, check_vocab=check_vocab)
+        self.engine = EarlyExitEngine(self.model, exit_policy, **checks)
         self.generator = EarlyExitGenerator(self.engine)
-        self.costs = CostModel.from_stack(self.engine.stack, check_vocab=check_vocab)
+        self.costs = CostModel.from_stack(self.engine.stack, check_vocab=checks["check_vocab"])
         self._auto_batch_size: int | None = None
         self.model_seconds = 0.0  # wall-clock spent scoring and generating (for speedups)
         self._window_records: list[ExitRecord] | None = None
@@ -135,7 +149,9 @@ class AdaInferLM(HFLM):
     def get_model_info(self) -> dict:
         info = super().get_model_info()
         info["adainfer"] = {"policy": self.exit_policy.describe(), "num_layers": self.engine.num_layers,
-                            "check_vocab": self.engine.check_vocab}
+                            "check_vocab": self.engine.check_vocab,
+                            "check_clusters": None if self.engine.head_clusters is None else
+                            {"clusters": self.engine.head_clusters.clusters, "probes": self.engine.head_clusters.probes}}
         return info
 
     # ---- loglikelihood: the early-exit path ---------------------------------------------------
@@ -200,6 +216,7 @@ class AdaInferLM(HFLM):
                         tokens=len(rows[i]), exit_layer=out.exit_layers[j], scored=len(continuation_enc),
                         checks=out.checks[j] / group_requests[j], share=len(sharers),
                         pruned=out.pruned_checks[j] / group_requests[j],
+                        head_rows=out.check_rows[j] / group_requests[j],
                     )
                     answer = ScoredContinuation(logprob, is_greedy, record)
                     results[i] = answer
@@ -288,8 +305,9 @@ class AdaInferLM(HFLM):
                 context, attention_mask, max_new_tokens=max_length - context.shape[1], eos_token_ids=eos,
                 pad_token_id=self.tokenizer.pad_token_id, finished=stop_check,
             )
-        for row, (layers, checks, pruned) in enumerate(zip(out.exit_layers, out.checks, out.pruned_checks)):
-            record = self.costs.generation(out.prompt_lengths[row], layers, checks, pruned)
+        for row, layers in enumerate(out.exit_layers):
+            record = self.costs.generation(out.prompt_lengths[row], layers, out.checks[row], out.pruned_checks[row],
+                                           out.check_rows[row])
             self._file_generation_record(contexts[row], record)
         return out.sequences
 

@@ -22,7 +22,9 @@ Operating point: a policy stops at the first layer l >= ``min_layer`` whose scor
 decision value; CRF marginal P(stop at l | layers 1..l)) reaches ``threshold``. The pair is
 chosen on *held-out* training documents (cross-fitted scores: each document scored by a
 classifier fitted without it) as the one with the fewest layers run whose accuracy stays
-within ``--tolerance`` (1 point) of full depth on those documents. Reported validation
+within ``--tolerance`` (1 point) of full depth on those documents; each consultation is
+charged ``--check-cost`` layers (0.05: the issue's budget for one exit decision), so that a
+policy consults only from the layer where it starts to exit. Reported validation
 figures are cross-validated: each document's exit comes from a policy (classifier and
 operating point) fitted on the other folds only.
 """
@@ -213,18 +215,30 @@ def evaluate(data: Data, exits: np.ndarray) -> dict:
     }
 
 
+DEFAULT_CHECK_COST = 0.05  # one consultation, in decoder layers (the target of reports/benchmark/)
+CRF_SEQ_START = 1  # the first layer of a CRF's chain (trained on layers 1..L-1)
+
+
 def calibrate(data: Data, scores: np.ndarray, tolerance: float = 0.01, n_thresholds: int = 80,
-              criterion: str = "accuracy") -> dict:
+              criterion: str = "accuracy", check_cost: float = 0.0, chain_start: int | None = None) -> dict:
     """The (threshold, min_layer) with the fewest layers whose accuracy >= full - tolerance.
 
     ``criterion="agreement"`` is stricter: at most ``tolerance`` of the documents may change
     their answer at all (which bounds the accuracy drop by ``tolerance`` too).
+
+    ``check_cost``: what one consultation (exit head + features + classifier) costs in
+    decoder layers. The point minimises layers run + check_cost × checks made, so that of two
+    points that exit alike the one that consults from a later layer wins: a policy consults
+    only in the band of layers where it exits. A CRF reads every layer of its chain from
+    ``chain_start`` on whatever ``min_layer`` is, so its consultations are counted from there.
     """
     L = data.num_layers
     full = float((data.choice[:, L - 1] == data.gold).mean())
     final = data.choice[:, L - 1]
     qs = np.unique(np.quantile(scores, np.linspace(0.0, 1.0, n_thresholds)))
-    best = {"threshold": float(np.max(scores) + 1.0), "min_layer": L - 1, "mean_exit_layer": float(L), "acc": full}
+    best = {"threshold": float(np.max(scores) + 1.0), "min_layer": L - 1, "mean_exit_layer": float(L), "acc": full,
+            "mean_checks": float(L - 1 - (L - 1 if chain_start is None else min(chain_start, L - 1)) + 1)}
+    cost = lambda point: point["mean_exit_layer"] + check_cost * point["mean_checks"]  # noqa: E731
     rows = np.arange(len(scores))
     for threshold in qs:
         # first_from[:, m-1]: the first layer >= m whose score reaches the threshold (L if none),
@@ -239,9 +253,14 @@ def calibrate(data: Data, scores: np.ndarray, tolerance: float = 0.01, n_thresho
             acc = float((picked == data.gold).mean())
             mean_exit = float(exits.mean())
             ok = acc >= full - tolerance - 1e-12 if criterion == "accuracy" else float((picked != final).mean()) <= tolerance + 1e-12
-            if ok and (mean_exit, -acc) < (best["mean_exit_layer"], -best["acc"]):
-                best = {"threshold": float(threshold), "min_layer": int(min_layer), "mean_exit_layer": mean_exit, "acc": acc}
+            # consulted at min_layer .. exit (.. L-1 for rows that never stop)
+            first_check = min_layer if chain_start is None else min(chain_start, min_layer)
+            point = {"threshold": float(threshold), "min_layer": int(min_layer), "mean_exit_layer": mean_exit, "acc": acc,
+                     "mean_checks": float((np.minimum(exits, L - 1) - first_check + 1).mean())}
+            if ok and (cost(point), -acc) < (cost(best), -best["acc"]):
+                best = point
     best["full_acc"] = full
+    best["check_cost"] = check_cost
     return best
 
 
@@ -259,18 +278,19 @@ def cross_fitted_scores(data: Data, y: np.ndarray, kind: str, cols: list[int], k
 
 
 def fit_policy(data: Data, y: np.ndarray, kind: str, cols: list[int], tolerance: float, k_inner: int, seed: int,
-               criterion: str = "accuracy", **kw):
+               criterion: str = "accuracy", check_cost: float = 0.0, **kw):
     """Fit on all of ``data``; operating point from cross-fitted (held-out) scores."""
     fit, _ = FITTERS[kind]
     held_out = cross_fitted_scores(data, y, kind, cols, k_inner, seed + 1, **kw)
-    point = calibrate(data, held_out, tolerance, criterion=criterion)
+    chain_start = CRF_SEQ_START if kind == "crf" else None
+    point = calibrate(data, held_out, tolerance, criterion=criterion, check_cost=check_cost, chain_start=chain_start)
     point["criterion"] = criterion
     params = fit(data, y, cols, **kw)
     return params, point
 
 
 def cross_validate(data: Data, y: np.ndarray, kind: str, cols: list[int], tolerance: float, k_outer: int, k_inner: int,
-                   seed: int, criterion: str = "accuracy", **kw) -> dict:
+                   seed: int, criterion: str = "accuracy", check_cost: float = 0.0, **kw) -> dict:
     """Held-out figures: each document's exit from a policy fitted (and calibrated) without it."""
     _, score = FITTERS[kind]
     folds = fold_of(data.keys, k_outer, seed)
@@ -279,7 +299,8 @@ def cross_validate(data: Data, y: np.ndarray, kind: str, cols: list[int], tolera
         test, train = np.where(folds == f)[0], np.where(folds != f)[0]
         if len(test) == 0 or len(train) == 0:
             continue
-        params, point = fit_policy(data.subset(train), y[train], kind, cols, tolerance, k_inner, seed, criterion, **kw)
+        params, point = fit_policy(data.subset(train), y[train], kind, cols, tolerance, k_inner, seed, criterion,
+                                   check_cost, **kw)
         exits[test] = exit_layers(score(params, data.subset(test), cols), point["threshold"], point["min_layer"])
     result = evaluate(data, exits)
     result["exits"] = exits
@@ -317,6 +338,7 @@ def policy_meta(kind: str, data: Data, params: dict, point: dict, features: list
             "tolerance": training["tolerance"], "criterion": point.get("criterion", "accuracy"),
             "calibration_acc": point["acc"], "calibration_full_acc": point["full_acc"],
             "calibration_mean_exit_layer": point["mean_exit_layer"],
+            "calibration_mean_checks": point["mean_checks"], "check_cost_in_layers": point["check_cost"],
         },
         "label": label,
         "training": training,
@@ -327,7 +349,7 @@ def policy_meta(kind: str, data: Data, params: dict, point: dict, features: list
         meta["coef"] = params["coef"]
         meta["intercept"] = params["intercept"]
     else:
-        meta["seq_start"] = 1
+        meta["seq_start"] = CRF_SEQ_START
         meta["crfsuite_file"] = "crf.crfsuite"
         meta["crfsuite_sha256"] = sha256_bytes(params["model_bytes"])
     return meta
@@ -354,13 +376,13 @@ def _pct(v: float) -> str:
 
 
 def label_study(data: Data, cols: list[int], tolerance: float, k_outer: int, k_inner: int, seed: int,
-                criterion: str = "accuracy") -> list[dict]:
+                criterion: str = "accuracy", check_cost: float = 0.0) -> list[dict]:
     """SVM held-out figures for every label mode × prediction kind."""
     rows = []
     for mode in LABEL_MODES:
         for prediction in PREDICTIONS:
             y = make_labels(data, mode, prediction)
-            cv = cross_validate(data, y, "svm", cols, tolerance, k_outer, k_inner, seed, criterion)
+            cv = cross_validate(data, y, "svm", cols, tolerance, k_outer, k_inner, seed, criterion, check_cost)
             rows.append({"mode": mode, "prediction": prediction, "positive_rate": float(y.mean()),
                          **{k: v for k, v in cv.items() if k != "exits"}})
     return rows
@@ -381,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tolerance", type=float, default=0.01, help="accuracy drop allowed at the operating point")
     parser.add_argument("--criterion", choices=("accuracy", "agreement"), default="agreement",
                         help="operating point: accuracy within tolerance of full depth, or at most tolerance answers changed")
+    parser.add_argument("--check-cost", type=float, default=DEFAULT_CHECK_COST,
+                        help="cost of one consultation in decoder layers, charged when choosing the operating point "
+                             "(of points that exit alike, the one consulting fewer layers wins)")
     parser.add_argument("--folds", type=int, default=5, help="outer folds for the validation figures")
     parser.add_argument("--inner-folds", type=int, default=4, help="folds for the held-out calibration scores")
     parser.add_argument("--kinds", default="svm,crf")
@@ -418,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
               f"(in-sample): {static['layer']} ({_pct(static['acc'])}%)")
         study = []
         if not args.no_study:
-            study = label_study(data, cols, args.tolerance, args.folds, args.inner_folds, args.seed, args.criterion)
+            study = label_study(data, cols, args.tolerance, args.folds, args.inner_folds, args.seed, args.criterion,
+                                args.check_cost)
             print("\nlabel study (SVM, cross-validated held-out documents):")
             print("  label  prediction  stop-rate  full-acc  policy-acc  mean-exit  layers-saved")
             for r in study:
@@ -445,14 +471,16 @@ def main(argv: list[str] | None = None) -> int:
             training["label_study"] = study
         print(f"\nshipping label={args.label} prediction={args.prediction} (stop rate {_pct(float(y.mean()))}%), features {use}")
         for kind in [k for k in args.kinds.split(",") if k]:
-            cv = cross_validate(data, y, kind, cols, args.tolerance, args.folds, args.inner_folds, args.seed, args.criterion)
-            params, point = fit_policy(data, y, kind, cols, args.tolerance, args.inner_folds, args.seed, args.criterion)
+            cv = cross_validate(data, y, kind, cols, args.tolerance, args.folds, args.inner_folds, args.seed, args.criterion,
+                                args.check_cost)
+            params, point = fit_policy(data, y, kind, cols, args.tolerance, args.inner_folds, args.seed, args.criterion,
+                                       args.check_cost)
             meta = policy_meta(kind, data, params, point, use, label, cv, training)
             paths = write_policy(out_dir, kind, meta, params)
             print(f"{kind}: validation (cross-validated, {cv['n_docs']} examples): full {_pct(cv['full_acc'])}%  "
                   f"{kind} {_pct(cv['policy_acc'])}%  mean exit {cv['mean_exit_layer']:.2f}/{L}  "
                   f"layers saved {_pct(cv['layers_saved'])}%  | operating point threshold={point['threshold']:.4g} "
-                  f"min_layer={point['min_layer']} (held-out calibration acc {_pct(point['acc'])}% vs full "
+                  f"min_layer={point['min_layer']}, {point['mean_checks']:.1f} consultations per example (held-out calibration acc {_pct(point['acc'])}% vs full "
                   f"{_pct(point['full_acc'])}%, mean exit {point['mean_exit_layer']:.2f})")
             print("   wrote " + ", ".join(f"{p} ({p.stat().st_size} B)" for p in paths))
         print(f"done in {time.time() - started:.0f}s")

@@ -80,16 +80,31 @@ def test_variants_skip_missing_svm(tmp_path, monkeypatch):
     monkeypatch.setenv("ADAINFER_POLICIES", str(tmp_path))  # no shipped policies here
     messages = []
     labels = [v.label for v in bm.variants_for("smollm2-135m", log=messages.append)]
-    assert labels == ["hf", "full", "threshold(gap=0.6,min_layer=20)", "threshold(gap=0.6,min_layer=20,check_vocab=64)"]
+    assert labels == ["hf", "full", "threshold(gap=0.6,min_layer=20)", "threshold(gap=0.6,min_layer=20,check_vocab=64)",
+                      "threshold(gap=0.6,min_layer=20,check_vocab=64,check_clusters=256)"]
+    labels = [v.label for v in bm.variants_for("smollm2-135m", log=messages.append, check_clusters=0)]
+    assert labels[-1] == "threshold(gap=0.6,min_layer=20,check_vocab=64)"
     assert messages and "svm" in messages[0]
 
 
-def test_pruned_checks_variant_is_timed_and_counted(tiny, one_thread):
+def test_cheap_check_variants_are_timed_counted_and_compared(tiny, one_thread, tmp_path, monkeypatch):
+    monkeypatch.setenv("ADAINFER_CACHE", str(tmp_path))
     model, tokenizer = tiny
     requests = bm.synthetic_requests(tokenizer, n_docs=2, choices=2)
+    plain = bm.Variant("threshold", {"gap": 0.1, "min_layer": 1})
     pruned = bm.Variant("threshold", {"gap": 0.1, "min_layer": 1, "check_vocab": 8})
-    res = bm.benchmark_model("tiny-llama", model, tokenizer, requests, [bm.Variant("full"), pruned], batch_sizes=[2],
-                             repeats=1, decision_tokens=16, min_run_time=0.01, log=lambda *_: None, check_vocab=8)
-    row = next(r for r in res["rows"] if r["variant"] == pruned.label)
-    assert row["checks_per_request"] > 0
+    picked = bm.Variant("threshold", {"gap": 0.1, "min_layer": 1, "check_vocab": 8, "check_clusters": 16})
+    res = bm.benchmark_model("tiny-llama", model, tokenizer, requests, [bm.Variant("full"), plain, pruned, picked],
+                             batch_sizes=[2], repeats=1, decision_tokens=16, min_run_time=0.01, log=lambda *_: None,
+                             check_vocab=8)
+    rows = {r["variant"]: r for r in res["rows"]}
+    assert rows[pruned.label]["checks_per_request"] > 0
     assert res["breakdown"][f"{pruned.label}@2"]["calls"]["checks"] > 0
+    assert "same_exit_as_full_checks" not in rows[plain.label]
+    for variant in (pruned, picked):  # compared with the same policy's full-vocabulary checks
+        assert 0.0 <= rows[variant.label]["same_exit_as_full_checks"] <= 1.0
+    recall = res["picker_recall"]
+    assert recall["clusters"] == 16 and recall["pick_ms"] > 0
+    assert recall["first_layer"] == 1 and recall["checks"] == recall["contexts"] * 3  # layers 1..L-1 of 4
+    assert 0.0 <= recall["top1_recall"] <= 1.0 and recall["mean_head_rows"] > 16
+    assert "top-1 recall" in bm.format_tables([res])

@@ -183,6 +183,30 @@ def test_calibration_keeps_accuracy_within_tolerance():
     assert result["mean_exit_layer"] < L  # the synthetic layers settle early: something is saved
 
 
+def test_calibration_charges_consultations():
+    """A consultation costs: one row that could stop early no longer makes every row consult early."""
+    data = synthetic_data(80, seed=3)
+    final = data.choice[:, L - 1]
+    band = 4  # every row has its final answer from layer 4 on, and there the scores reach 1
+    data.choice[:, band - 1 :] = final[:, None]
+    scores = np.where(np.arange(1, L) >= band, 1.0, -1.0)[None, :].repeat(len(final), 0)
+    data.choice[0, 1] = final[0]  # row 0 alone is right, and says so, at layer 2
+    scores[0, 1] = 1.0
+    free = tr.calibrate(data, scores, tolerance=0.0)
+    charged = tr.calibrate(data, scores, tolerance=0.0, check_cost=0.05)
+    assert free["min_layer"] == 1 and free["mean_exit_layer"] == band - (band - 2) / 80
+    assert charged["min_layer"] == band and charged["mean_exit_layer"] == band and charged["mean_checks"] == 1
+    cost = lambda p: p["mean_exit_layer"] + 0.05 * p["mean_checks"]  # noqa: E731
+    assert cost(charged) < cost(free)
+    for point in (free, charged):  # mean_checks is what the policy consults
+        exits = tr.exit_layers(scores, point["threshold"], point["min_layer"])
+        assert point["mean_checks"] == float((np.minimum(exits, L - 1) - point["min_layer"] + 1).mean())
+    # A CRF's chain starts at layer 1 whatever min_layer is: every layer up to its exit is read.
+    chain = tr.calibrate(data, scores, tolerance=0.0, check_cost=0.05, chain_start=1)
+    exits = tr.exit_layers(scores, chain["threshold"], chain["min_layer"])
+    assert chain["mean_checks"] == float(np.minimum(exits, L - 1).mean())
+
+
 def _tiny_model_policies(tiny_models, tmp_path):
     """Train svm/crf files for the tiny llama on synthetic features; run each through the engine."""
     from adainfer_lmeval.engine import EarlyExitEngine, ExitBatch

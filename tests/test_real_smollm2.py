@@ -82,6 +82,24 @@ def test_threshold_saves_layers_and_accuracy_is_what_the_samples_say(task_manage
             assert [r[0][0] for r in s["resps"]] == pytest.approx([r[0][0] for r in full[s["doc_id"]]["resps"]], abs=1e-4)
 
 
+def test_head_clusters_decide_as_the_full_head_does(task_manager, smollm2):
+    """check_clusters: the first check's candidates from head clusters, not the full head."""
+    pruned_args = f"pretrained={smollm2},policy=threshold,gap=0.6,min_layer=20,check_vocab=64"
+    pruned = _run(task_manager, "adainfer", pruned_args, ["sst2"], SST2_LIMIT)
+    picked = _run(task_manager, "adainfer", pruned_args + ",check_clusters=256", ["sst2"], SST2_LIMIT)
+
+    def exits(results):
+        return [layer for s in sorted(results["samples"]["sst2"], key=lambda s: s["doc_id"]) for layer in s["exit_layers"]]
+
+    same = sum(a == b for a, b in zip(exits(pruned), exits(picked))) / (2 * SST2_LIMIT)
+    assert same >= 0.9, f"only {same:.0%} of requests exit where full-head candidates make them exit"
+    assert picked["results"]["sst2"]["acc,none"] == pytest.approx(pruned["results"]["sst2"]["acc,none"], abs=2 / SST2_LIMIT)
+    # the first check no longer multiplies the whole head: fewer FLOPs for the same exits
+    stats, reference = picked["adainfer"]["tasks"]["sst2"], pruned["adainfer"]["tasks"]["sst2"]
+    if same == 1.0:
+        assert stats["flops_saved_pct"] > reference["flops_saved_pct"]
+
+
 def test_full_depth_matches_hf_backend_on_an_mmlu_slice(task_manager, smollm2):
     tasks = ["mmlu_high_school_geography", "mmlu_abstract_algebra"]
     ours = _run(task_manager, "adainfer", f"pretrained={smollm2},policy=full", tasks, 3)
