@@ -48,7 +48,6 @@ DEFAULT_CHECK_VOCAB = 64  # K of the pruned-vocabulary checks variant (adainfer_
 #: per pick with top-1 recall near 99% where the threshold consults (reports/benchmark/README.md).
 DEFAULT_CHECK_CLUSTERS = {"smollm2-135m": {"check_clusters": 256},
                           "qwen2.5-coder-0.5b": {"check_clusters": 2048, "check_probes": 32}}
-CHECK_ARGS = ("check_vocab", "check_clusters", "check_probes")
 OTHERS_QUIET = 0.25  # cores other processes may use during the timed passes for "quiet"
 COLUMNS = ["model", "batch", "variant", "mean layers", "ideal speedup", "measured speedup", "measured/ideal",
            "time vs hf", "median s", "requests", "same exits as full checks"]
@@ -271,6 +270,8 @@ def _records(responses) -> list:
 
 
 def _without_check_args(variant: Variant) -> Variant:
+    from .lm_backend import CHECK_ARGS
+
     return Variant(variant.name, {k: v for k, v in variant.policy_args.items() if k not in CHECK_ARGS})
 
 
@@ -426,6 +427,12 @@ def decision_cost(stack, costs, tokens: int = 128, min_run_time: float = 1.0, ba
     }
 
 
+def _gap(logits: torch.Tensor) -> float:
+    """p1 - p2 of the softmax over ``logits`` (one row)."""
+    top2 = torch.softmax(logits.float(), -1).topk(2).values
+    return float(top2[0] - top2[1])
+
+
 @torch.no_grad()
 def picker_recall(stack, head_clusters, requests: list, first_layer: int, k: int = DEFAULT_CHECK_VOCAB,
                   max_length: int = 2048, min_run_time: float = 1.0) -> dict:
@@ -452,8 +459,7 @@ def picker_recall(stack, head_clusters, requests: list, first_layer: int, k: int
             top = stack.exit_logits(state)[0].topk(k)
             ids, logits, used = head_clusters.pick(stack, state, k)
             hits.append(int(top.indices[0]) in set(ids[0].tolist()))
-            gap = lambda values: float(torch.softmax(values.float(), -1).topk(2).values.diff().neg())  # noqa: E731
-            gap_errors.append(abs(gap(logits[0]) - gap(top.values)))
+            gap_errors.append(abs(_gap(logits[0]) - _gap(top.values)))
             rows.append(int(used[0]))
     pick_s = _median_seconds(lambda: [head_clusters.pick(stack, state, k) for state in states], min_run_time) / len(states)
     return {"clusters": head_clusters.clusters, "probes": head_clusters.probes,

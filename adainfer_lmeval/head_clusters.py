@@ -14,10 +14,11 @@ V, and reports that count so the FLOPs accounting charges what ran.
 It is approximate: the true top token may sit in a cluster that was not probed. How often
 that happens at the layers where policies decide, and what a pick costs on those states, is
 measured by ``python -m adainfer_lmeval.benchmark`` and reported in reports/benchmark/.
-(Exploratory scripts, not kept, chose this design over two others. Plain k-means scored by
-the mean row found the top token 52-89% of the time on Qwen's untied head at 1-2.5% of its
-rows, against 96-99% for the score above: the winning rows are large and outlying. Clusters
-forced to equal sizes did worse still, because a capacity limit evicts exactly those rows.)
+Why this score: plain k-means scored by each cluster's mean row misses winners on Qwen's
+untied head, whose winning rows are large and outlying, and clusters forced to equal sizes
+miss them more (a capacity limit evicts exactly those rows). Both were tried in exploratory
+scripts that are not kept, so no figures are quoted for them; the chosen score's recall is
+what the benchmark measures.
 
 The partition depends only on the head's weights; it is built deterministically (seeded) and
 cached as safetensors under the cache root, keyed by the head's sha256. Nothing is pickled.

@@ -90,7 +90,8 @@ def _check_arg(name: str, value) -> int | None:
 
 
 def split_model_args(policy: str, kwargs: dict):
-    """(the exit policy, the args left for HFLM); one-line errors for unknown or bad args."""
+    """(the exit policy, the parsed exit-check args, the args left for HFLM); one-line errors
+    for unknown or bad args."""
     policy_names = policy_arg_names()
     valid = _hflm_arg_names() | policy_names | {"pretrained"} | set(CHECK_ARGS)
     unknown = sorted(set(kwargs) - valid)
@@ -101,15 +102,14 @@ def split_model_args(policy: str, kwargs: dict):
             "parallelize=True (one model split over several GPUs) is not supported by the early-exit engine; "
             "run data-parallel instead: accelerate launch -m adainfer_lmeval ..."
         )
-    for name in CHECK_ARGS:
-        _check_arg(name, kwargs.get(name))
-    if _check_arg("check_clusters", kwargs.get("check_clusters")) and not _check_arg("check_vocab", kwargs.get("check_vocab")):
+    checks = {name: _check_arg(name, kwargs.get(name)) for name in CHECK_ARGS}
+    if checks["check_clusters"] and not checks["check_vocab"]:
         raise AdaInferError("check_clusters needs check_vocab=K (the candidates it picks); add e.g. check_vocab=64")
-    if _check_arg("check_probes", kwargs.get("check_probes")) and not _check_arg("check_clusters", kwargs.get("check_clusters")):
-        raise AdaInferError("check_probes needs check_clusters=C (the clusters it probes); add e.g. check_clusters=1024")
+    if checks["check_probes"] and not checks["check_clusters"]:
+        raise AdaInferError("check_probes needs check_clusters=C (the clusters it probes); add e.g. check_clusters=256")
     policy_args = {k: v for k, v in kwargs.items() if k in policy_names}
-    rest = {k: v for k, v in kwargs.items() if k not in policy_names}
-    return build_policy(str(policy), policy_args), rest
+    rest = {k: v for k, v in kwargs.items() if k not in policy_names and k not in CHECK_ARGS}
+    return build_policy(str(policy), policy_args), checks, rest
 
 
 def check_model_args(arg_string: str) -> None:
@@ -124,8 +124,7 @@ class AdaInferLM(HFLM):
                  check_clusters: int | None = None, check_probes: int | None = None, **kwargs):
         # Build the policy first: a typo in its args should fail before a model loads.
         checks = {"check_vocab": check_vocab, "check_clusters": check_clusters, "check_probes": check_probes}
-        exit_policy, kwargs = split_model_args(policy, {**kwargs, **checks})
-        checks = {name: _check_arg(name, kwargs.pop(name)) for name in CHECK_ARGS}
+        exit_policy, checks, kwargs = split_model_args(policy, {**kwargs, **checks})
         if isinstance(pretrained, str):
             from .model_zoo import resolve_pretrained
 

@@ -138,7 +138,9 @@ def test_model_args():
         split_model_args("threshold", {"gap": 0.5, "check_vocab": 64, "check_clusters": "x"})
     with pytest.raises(AdaInferError, match="check_probes needs check_clusters"):
         split_model_args("threshold", {"gap": 0.5, "check_vocab": 64, "check_probes": 8})
-    split_model_args("threshold", {"gap": 0.5, "check_vocab": 64, "check_clusters": 256, "check_probes": 8})
+    _, checks, rest = split_model_args("threshold", {"gap": 0.5, "check_vocab": "64", "check_clusters": 256,
+                                                     "check_probes": 8, "batch_size": 2})
+    assert checks == {"check_vocab": 64, "check_clusters": 256, "check_probes": 8} and rest == {"batch_size": 2}
 
 
 def test_backend_passes_the_check_args(tiny_model_dirs):
