@@ -9,15 +9,15 @@ errors) is flagged: a saving there proves nothing.
 
 from __future__ import annotations
 
-import base64
-import csv
-import html
-import io
 import json
 import math
 from pathlib import Path
 
 from .errors import AdaInferError
+from .report_tables import (  # noqa: F401  (HEADERS, _cells, Column: the long table's API, kept importable here)
+    HEADERS, LEGEND, RUN_COLUMNS, WITHIN_POINTS, Column, _cells, leaderboard_columns, md_escape, render_csv,
+    render_markdown_table, task_summary, verdict,
+)
 
 PRIMARY_METRICS = ("acc", "exact_match", "f1", "word_perplexity")
 FULL = "full"
@@ -161,122 +161,198 @@ def macro_average(rows: list[dict]) -> list[dict]:
     return out
 
 
-HEADERS = ["model", "task", "shots", "policy", "docs", "metric", "chance %", "full %", "early exit %", "Δ points",
-           "layers used", "layers saved %", "FLOPs saved %", "ms/req full", "ms/req exit", "speedup", "note"]
-
-
-def _cells(r: dict) -> list:
-    pct = lambda v: f"{100 * v:.1f}" if v is not None else "-"  # noqa: E731
-    delta = f"{100 * r['delta']:+.1f}" + (f" ± {100 * r['delta_stderr']:.1f}" if r.get("delta_stderr") is not None else "")
-    note = "AT CHANCE: saving proves nothing" if r["at_chance"] else ""
-    shots = "default" if r.get("num_fewshot") is None else r["num_fewshot"]
-    return [r["model"], r["task"], shots if r["task"] != "macro-average" else "", r["policy"], r["documents"], r["metric"], pct(r["chance"]), pct(r["full"]),
-            pct(r["early_exit"]), delta, f"{r['mean_layers']:.1f}/{r['num_layers']}", f"{r['layers_saved_pct']:.1f}",
-            f"{r['flops_saved_pct']:.1f}", f"{r['ms_per_request_full']:.1f}",
-            f"{r['ms_per_request_early_exit']:.1f}" if r["ms_per_request_early_exit"] is not None else "(hindsight)",
-            f"{r['speedup']:.2f}x" if r["speedup"] else "-", note]
-
-
 def display_rows(rows: list[dict]) -> list[dict]:
     """What every table shows: the early-exit rows (each carries its baseline), then macro-averages."""
     early = [r for r in rows if r["policy"] != FULL]
     return early + macro_average(early)
 
 
-def markdown_table(rows: list[dict]) -> str:
-    from tabulate import tabulate
+# --- The leaderboard: per model, one row per policy, one column group per task ------------------
 
-    return tabulate([_cells(r) for r in display_rows(rows)], headers=HEADERS, tablefmt="github")
+def _group_label(task: str, shots) -> str:
+    return task + (f" {shots}-shot" if shots is not None else "")
+
+
+def task_groups(rows: list[dict]) -> list[dict]:
+    """The (task, shots, limit) settings of early-exit rows, in row order, with their full-depth figures."""
+    groups: dict[tuple, dict] = {}
+    for r in rows:
+        if r["policy"] == FULL or r["task"] == "macro-average":
+            continue
+        key = (r["task"], r.get("num_fewshot"), r.get("limit"))
+        if key not in groups:
+            shots = "default" if r.get("num_fewshot") is None else r["num_fewshot"]
+            groups[key] = {"key": f"{r['task']}-{shots}shot-{r.get('limit')}",
+                           "label": _group_label(r["task"], r.get("num_fewshot")), "task": r["task"],
+                           "shots": r.get("num_fewshot"), "limit": r.get("limit"), "metric": r["metric"],
+                           "documents": r["documents"], "full": r["full"], "chance": r["chance"],
+                           "at_chance": r["at_chance"]}
+    labels = [g["label"] for g in groups.values()]
+    # Tasks at chance last: their greyed columns are the ones to read least.
+    groups = dict(sorted(groups.items(), key=lambda kv: kv[1]["at_chance"]))
+    for g in groups.values():  # the same task and shots under two limits: tell them apart
+        if labels.count(g["label"]) > 1:
+            g["label"] += f" (limit {g['limit']})"
+    return list(groups.values())
+
+
+def _cell(r: dict) -> dict:
+    return {"acc": r["early_exit"], "delta": r["delta"], "saved": r["layers_saved_pct"],
+            "flops": r["flops_saved_pct"], "at_chance": r["at_chance"]}
+
+
+def _macro(cells: dict, groups: list[dict]) -> dict | None:
+    """Means over the tasks above chance; None when there is none or the row lacks one of them."""
+    above = [g["key"] for g in groups if not g["at_chance"]]
+    if not above or any(k not in cells for k in above):
+        return None
+    mean = lambda f: sum(cells[k][f] for k in above) / len(above)  # noqa: E731
+    return {"acc": mean("acc"), "delta": mean("delta"), "saved": mean("saved"), "flops": mean("flops"), "tasks": len(above)}
+
+
+def leaderboard(rows: list[dict]) -> list[dict]:
+    """One section per model: its task groups and its rows (full depth, the oracle, then the
+    policies ranked: those within ``WITHIN_POINTS`` of full depth on the macro first, by macro
+    layers saved; then the rest, by macro Δ). The best row is the first ranked one that keeps
+    accuracy and saves any layers."""
+    sections = []
+    models = list(dict.fromkeys(r["model"] for r in rows if r["policy"] != FULL))
+    for model in models:
+        mine = [r for r in rows if r["model"] == model and r["policy"] != FULL]
+        groups = task_groups(mine)
+        key_of = {(g["task"], g["shots"], g["limit"]): g["key"] for g in groups}
+        full_cells = {g["key"]: {"acc": g["full"], "delta": 0.0, "saved": 0.0, "flops": 0.0, "at_chance": g["at_chance"]}
+                      for g in groups}
+        table = [{"model": model, "policy": FULL, "label": "full depth (reference)", "kind": "reference",
+                  "cells": full_cells, "macro": _macro(full_cells, groups), "within": None, "rank": None, "best": False}]
+        ranked = []
+        for policy in dict.fromkeys(r["policy"] for r in mine):
+            cells = {key_of[(r["task"], r.get("num_fewshot"), r.get("limit"))]: _cell(r) for r in mine if r["policy"] == policy}
+            macro = _macro(cells, groups)
+            within = None if macro is None else 100 * macro["delta"] >= -WITHIN_POINTS - 1e-9
+            row = {"model": model, "policy": policy, "label": policy, "kind": "ranked", "cells": cells, "macro": macro,
+                   "within": within, "rank": None, "best": False}
+            if policy == "oracle":
+                row.update(kind="bound", label="oracle (hindsight bound, untimed)")
+                table.append(row)
+            else:
+                ranked.append(row)
+
+        def order(row: dict) -> tuple:
+            m = row["macro"]
+            if m is None:
+                return (2, 0.0, 0.0, row["policy"])
+            if row["within"]:
+                return (0, -m["saved"], -m["delta"], row["policy"])
+            return (1, -m["delta"], -m["saved"], row["policy"])
+
+        ranked.sort(key=order)
+        for i, row in enumerate(r for r in ranked if r["macro"] is not None):
+            row["rank"] = i + 1
+        best = next((r for r in ranked if r["within"] and r["macro"]["saved"] > 0), None)
+        if best is not None:
+            best["best"] = True
+        num_layers = mine[0]["num_layers"]
+        sections.append({"model": model, "num_layers": num_layers, "groups": groups, "rows": table + ranked})
+    return sections
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The long table (every run beside its baseline, then macro-averages), as Markdown."""
+    return render_markdown_table(RUN_COLUMNS, display_rows(rows))
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(HEADERS)
-        writer.writerows(_cells(r) for r in display_rows(rows))
+    """The long table as CSV."""
+    render_csv(RUN_COLUMNS, display_rows(rows), path)
+
+
+def leaderboard_markdown(rows: list[dict]) -> str:
+    """Per model: its tasks, then its leaderboard table."""
+    parts = [LEGEND]
+    for section in leaderboard(rows):
+        parts.append(f"### {md_escape(section['model'])} ({section['num_layers']} layers)")
+        parts.append("\n".join(f"- {md_escape(task_summary(g, '†'))}" for g in section["groups"]))
+        parts.append(render_markdown_table(leaderboard_columns(section["groups"]), section["rows"]))
+        parts.append(md_escape(verdict(section)))
+    return "\n\n".join(parts)
+
+
+def write_leaderboard_csv(rows: list[dict], path: Path) -> None:
+    """Every model's leaderboard rows in one CSV, over the union of the models' task groups."""
+    sections = leaderboard(rows)
+    groups = [dict(g) for g in {g["key"]: g for s in sections for g in s["groups"]}.values()]
+    labels = [g["label"] for g in groups]
+    for g in groups:  # two models ran the same task and shots under different limits
+        if labels.count(g["label"]) > 1:
+            g["label"] += f" (limit {g['limit']})"
+    render_csv(leaderboard_columns(groups, with_model=True), [r for s in sections for r in s["rows"]], path)
+
+
+# --- Plots (report_plots.py) ---------------------------------------------------------------------
 
 
 def plot_tradeoff(rows: list[dict], path: Path) -> None:
-    """Accuracy against layers saved, per task: the full-depth point, each policy, threshold sweeps."""
-    import matplotlib
+    """Accuracy against layers saved, one panel per (model, task)."""
+    from .report_plots import plot_tradeoff as plot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    early = [r for r in rows if r["policy"] != FULL]
-    tasks = sorted({(r["model"], r["task"], r.get("num_fewshot")) for r in early}, key=str)
-    fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(5 * max(len(tasks), 1), 4), squeeze=False)
-    for ax, (model, task, shots) in zip(axes[0], tasks):
-        members = [r for r in early if (r["model"], r["task"], r.get("num_fewshot")) == (model, task, shots)]
-        ax.scatter([0], [100 * members[0]["full"]], marker="*", s=150, color="black", label="full depth", zorder=3)
-        sweeps: dict[str, list[dict]] = {}
-        for r in members:
-            family = r["policy"].split(",")[0]
-            sweeps.setdefault(family, []).append(r)
-        for family, points in sweeps.items():
-            points.sort(key=lambda r: r["layers_saved_pct"])
-            xs = [r["layers_saved_pct"] for r in points]
-            ys = [100 * r["early_exit"] for r in points]
-            ax.plot(xs, ys, marker="D" if family == "oracle" else "o", label=family if len(points) == 1 else f"{family} sweep")
-        if members[0]["chance"] is not None:
-            ax.axhline(100 * members[0]["chance"], color="grey", linestyle=":", label="chance")
-        label = f"{model} / {task}" + (f" / {shots}-shot" if shots is not None else "")
-        ax.set_title(label + (" (AT CHANCE)" if members[0]["at_chance"] else ""), fontsize=9)
-        ax.set_xlabel("layers saved (%)")
-        ax.set_ylabel(f"{members[0]['metric']} (%)")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    plot(rows, path)
 
 
 def plot_exit_layers(rows: list[dict], path: Path) -> None:
-    """Where requests exit, per task and policy."""
-    import matplotlib
+    """Where requests exit, one panel per (model, task), one line per policy."""
+    from .report_plots import plot_exit_layers as plot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    early = [r for r in rows if r["policy"] != FULL and r.get("exit_layer_histogram")]
-    fig, axes = plt.subplots(len(early) or 1, 1, figsize=(7, 2.2 * max(len(early), 1)), squeeze=False)
-    for ax, r in zip(axes[:, 0], early):
-        layers = [float(k) for k in r["exit_layer_histogram"]]
-        ax.bar(layers, list(r["exit_layer_histogram"].values()), width=0.8)
-        ax.set_xlim(0, r["num_layers"] + 1)
-        shots = "" if r.get("num_fewshot") is None else f" / {r['num_fewshot']}-shot"
-        ax.set_title(f"{r['model']} / {r['task']}{shots} / {r['policy']}", fontsize=8)
-        ax.set_ylabel("requests", fontsize=8)
-    axes[-1, 0].set_xlabel("exit layer")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _embedded(png: Path) -> str:
-    return f'<img src="data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}" alt="{png.stem}">'
+    plot(rows, path)
 
 
 def write_report(rows: list[dict], out: Path, title: str = "adainfer-lmeval report", preamble: str = "") -> dict:
-    """report.md, report.csv, report.html (self-contained) and the plots, into ``out``."""
+    """report.md, report.csv (every run), leaderboard.csv, report.json, report.html (self-contained)
+    and the plots, into ``out``. ``preamble`` is Markdown written by the caller (not escaped)."""
+    from .report_html import write_html
+
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(rows)
     plot_tradeoff(rows, out / "accuracy_vs_layers_saved.png")
     plot_exit_layers(rows, out / "exit_layers.png")
     write_csv(rows, out / "report.csv")
+    write_leaderboard_csv(rows, out / "leaderboard.csv")
     (out / "report.json").write_text(json.dumps(rows, indent=1))
-    md = f"# {title}\n\n{preamble}\n\n{table}\n\n![accuracy vs layers saved](accuracy_vs_layers_saved.png)\n\n![exit layers](exit_layers.png)\n"
-    (out / "report.md").write_text(md)
-    buffer = io.StringIO()
-    buffer.write(f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>")
-    buffer.write("<style>body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px}</style>")
-    buffer.write(f"<h1>{html.escape(title)}</h1><p>{html.escape(preamble)}</p><table><tr>")
-    buffer.write("".join(f"<th>{html.escape(h)}</th>" for h in HEADERS) + "</tr>")
-    for r in display_rows(rows):
-        buffer.write("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in _cells(r)) + "</tr>")
-    buffer.write("</table>")
-    buffer.write(_embedded(out / "accuracy_vs_layers_saved.png") + _embedded(out / "exit_layers.png"))
-    (out / "report.html").write_text(buffer.getvalue())
-    return {"markdown": out / "report.md", "csv": out / "report.csv", "html": out / "report.html"}
+    md = [f"# {md_escape(title)}", preamble, "## Leaderboard", leaderboard_markdown(rows),
+          "## Plots", "![accuracy vs layers saved](accuracy_vs_layers_saved.png)", "![exit layers](exit_layers.png)",
+          "## All runs", "Every early-exit run beside its full-depth run (Δ with its standard error), then the "
+          "macro-averages over each policy's tasks.", markdown_table(rows)]
+    (out / "report.md").write_text("\n\n".join(p for p in md if p) + "\n")
+    write_html(rows, out / "report.html", title, preamble,
+               [out / "accuracy_vs_layers_saved.png", out / "exit_layers.png"])
+    return {"markdown": out / "report.md", "csv": out / "report.csv", "leaderboard_csv": out / "leaderboard.csv",
+            "html": out / "report.html"}
+
+
+def runs_preamble(runs: list[dict], sources: list[str]) -> str:
+    """Where the runs came from: their folders, dates and the package versions they record."""
+    dates = sorted(str(r["date"]) for r in runs if r.get("date"))
+    versions: dict[str, list[str]] = {}
+    for r in runs:
+        for k, v in (r.get("versions") or {}).items():
+            versions.setdefault(k, [])
+            if str(v) not in versions[k]:
+                versions[k].append(str(v))
+    plain = lambda path: str(path).replace("`", "")  # noqa: E731  (inside a code span)
+    folders = ", ".join(f"`{plain(s)}`" for s in sources)
+    text = ""
+    for source in map(Path, sources):  # a suite's output folder: name the command that fills it
+        suite = source.parent / "suite.yaml"
+        if source.name == "runs" and suite.is_file():
+            text += (f"Suite `{plain(suite)}`: `adainfer-eval suite {plain(suite)} --output_path {plain(source.parent)}` "
+                     "runs what is missing and renders this report. ")
+    text += f"Rendered by `adainfer-eval report` from {len(runs)} run files ({folders})"
+    if dates:
+        span = f"between {dates[0]} and {dates[-1]}" if dates[0] != dates[-1] else dates[0]
+        text += f", run {md_escape(span)}"
+    text += "."
+    if versions:
+        text += " Versions: " + md_escape(", ".join(f"{k} {' / '.join(v)}" for k, v in versions.items())) + "."
+    return text
 
 
 def main(argv: list[str]) -> int:
@@ -285,9 +361,14 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="adainfer-eval report", description="Report early exit beside full depth.")
     parser.add_argument("runs", nargs="+", help="run files or folders holding them (adainfer-eval suite output)")
     parser.add_argument("--output_path", default="out/report")
+    parser.add_argument("--title", default="adainfer-lmeval report")
+    parser.add_argument("--preamble", default="",
+                        help="Markdown under the title, before the line naming the runs' folders, dates and versions")
     a = parser.parse_args(argv)
-    rows = compare_rows(load_runs(a.runs))
-    written = write_report(rows, Path(a.output_path))
-    print(markdown_table(rows))
+    runs = load_runs(a.runs)
+    rows = compare_rows(runs)
+    preamble = " ".join(p for p in (a.preamble.strip(), runs_preamble(runs, a.runs)) if p)
+    written = write_report(rows, Path(a.output_path), title=a.title, preamble=preamble)
+    print(leaderboard_markdown(rows))
     print("wrote " + ", ".join(str(p) for p in written.values()))
     return 0

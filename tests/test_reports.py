@@ -112,3 +112,19 @@ def test_oracle_layer_is_where_the_answer_stops_changing():
     assert oracle_layer([1, 1, 1, 1]) == 1
     assert oracle_layer([1, 1, 0, 1]) == 4
     assert oracle_layer([0, 1, 0, 0]) == 3
+
+
+def test_leaderboard_of_the_ci_runs(ci_runs, tmp_path):
+    """The CI runs' leaderboard: full depth and the oracle as reference rows, each policy one ranked row."""
+    from adainfer_lmeval.report import leaderboard
+
+    _, files = ci_runs
+    rows = compare_rows(load_runs(files))
+    written = write_report(rows, tmp_path / "report")
+    board = list(csv.DictReader(written["leaderboard_csv"].open()))
+    assert [(b["rank"], b["policy"]) for b in board][:2] == [("ref", "full depth (reference)"),
+                                                            ("bound", "oracle (hindsight bound, untimed)")]
+    ranked = [r for s in leaderboard(rows) for r in s["rows"] if r["kind"] == "ranked"]
+    assert [b["policy"] for b in board[2:]] == [r["policy"] for r in ranked] == ["threshold,gap=0.6,min_layer=20"]
+    page = written["html"].read_text()
+    assert all(f'data-policy="{p}"' in page for p in ("full", "oracle", "threshold,gap=0.6,min_layer=20"))
