@@ -389,7 +389,8 @@ def decision_cost(stack, costs, tokens: int = 128, min_run_time: float = 1.0, ba
     :func:`picker_recall` on real states: its cost depends on the state.
     """
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, stack.vocab_size, (1, tokens), generator=g)
+    device = stack.head.weight.device
+    ids = torch.randint(0, stack.vocab_size, (1, tokens), generator=g).to(device)
     hidden = stack.embed(ids)
     inputs = stack.layer_inputs(hidden)
     middle = stack.num_layers // 2
@@ -402,7 +403,7 @@ def decision_cost(stack, costs, tokens: int = 128, min_run_time: float = 1.0, ba
         probs = torch.softmax(stack.exit_logits(state).float(), dim=-1)
         return probs.topk(2, dim=-1).values
 
-    candidates = torch.randint(0, stack.vocab_size, (1, check_vocab), generator=g)
+    candidates = torch.randint(0, stack.vocab_size, (1, check_vocab), generator=g).to(device)
 
     def decide_pruned(state):  # a later check under check_vocab=K: K head rows only
         probs = torch.softmax(stack.exit_logits_over(state, candidates).float(), dim=-1)
