@@ -67,6 +67,11 @@ class EarlyExitEngine:
                  check_probes: int | None = None):
         self.stack = DecoderStack(model)
         self.policy = policy
+        if check_vocab is not None and not 1 <= check_vocab < self.stack.vocab_size:
+            raise AdaInferError(
+                f"check_vocab={check_vocab} must be below the model's vocabulary ({self.stack.vocab_size} tokens): "
+                "it is the number of tokens a pruned check keeps"
+            )
         self.check_vocab = check_vocab
         self.head_clusters = None
         if check_clusters:

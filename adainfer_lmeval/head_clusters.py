@@ -107,6 +107,9 @@ class HeadClusters:
         vocab = weight.shape[0]
         if not 2 <= clusters <= vocab // 2:
             raise AdaInferError(f"check_clusters={clusters} must be between 2 and {vocab // 2} (half the vocabulary)")
+        if probes is not None and not (isinstance(probes, int) and 1 <= probes <= clusters):
+            # before the cache is read: a bad count is the user's, not a torn cache file
+            raise AdaInferError(f"check_probes={probes!r} must be an integer between 1 and check_clusters={clusters}")
         host = weight.detach().float().cpu().contiguous()
         norms = host.norm(dim=1)
         path = None
@@ -116,13 +119,16 @@ class HeadClusters:
         if path is not None and path.exists():
             from safetensors.torch import load_file
 
+            saved = None
             try:
                 saved = load_file(str(path))
                 directions, assign = saved["directions"], saved["assign"].long()
-                if directions.shape == (clusters, host.shape[1]) and assign.shape == (vocab,):
-                    return cls(directions, _max_per_cluster(norms, assign, clusters), assign, probes).to(weight.device)
             except Exception as error:  # a torn or foreign file: rebuild rather than fail
+                saved = None
                 print(f"[adainfer] head clusters cache {path} unreadable ({error}); rebuilding", flush=True)
+            if saved is not None and directions.shape == (clusters, host.shape[1]) and assign.shape == (vocab,) \
+                    and bool(((assign >= 0) & (assign < clusters)).all()):
+                return cls(directions, _max_per_cluster(norms, assign, clusters), assign, probes).to(weight.device)
         means, assign = kmeans(host / norms.clamp_min(1e-12)[:, None], clusters)
         directions = means / means.norm(dim=1, keepdim=True).clamp_min(1e-12)
         if path is not None:

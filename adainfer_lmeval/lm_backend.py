@@ -14,7 +14,10 @@ into per-task figures in the results and per-sample exit layers in ``--log_sampl
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
+import os
 import time
 from collections import defaultdict
 
@@ -29,9 +32,16 @@ from .accounting import CostModel, ExitRecord
 from .engine import EarlyExitEngine, ExitBatch
 from .generation import EarlyExitGenerator
 from .errors import AdaInferError
-from .policies import build_policy, policy_arg_names
+from . import learned_policies  # noqa: F401  (registers policy=svm, crf, file)
+from .lm_eval_hook import prepare_adainfer_run
+from .policies import ModelIdentity, build_policy, convert_arg, policy_arg_names
 
 DEFAULT_MODEL = "smollm2-135m"
+
+
+# The responses below are pickled by lm-eval's --use_cache (sqlite): each __reduce__ rebuilds
+# the value together with its exit record, so answers served from the cache still report
+# their exit layers and FLOPs.
 
 
 class ScoredContinuation(tuple):
@@ -42,6 +52,9 @@ class ScoredContinuation(tuple):
         obj.exit = exit
         return obj
 
+    def __reduce__(self):
+        return (type(self), (self[0], self[1], self.exit))
+
 
 class ScoredFloat(float):
     """A rolling loglikelihood, with the request's ``exit`` record."""
@@ -50,6 +63,9 @@ class ScoredFloat(float):
         obj = super().__new__(cls, value)
         obj.exit = exit
         return obj
+
+    def __reduce__(self):
+        return (type(self), (float(self), self.exit))
 
 
 class GeneratedText(str):
@@ -64,6 +80,9 @@ class GeneratedText(str):
         obj.exit = exit
         return obj
 
+    def __reduce__(self):
+        return (type(self), (str(self), self.exit))
+
 
 def _hflm_arg_names() -> set[str]:
     return {n for n in inspect.signature(HFLM.__init__).parameters if n not in ("self", "kwargs")}
@@ -77,16 +96,38 @@ CHECK_ARGS = {  # model args of the exit checks: what each counts (see .checks, 
 
 
 def _check_arg(name: str, value) -> int | None:
-    """``check_vocab=K`` / ``check_clusters=C``: an integer >= 2; none/0: switched off."""
-    if value in (None, "", "none", "None", 0, "0"):
+    """``check_vocab=K`` / ``check_clusters=C``: an integer >= 2; none/0: switched off.
+    ``check_probes=P``: an integer >= 1 (checked against C in :func:`split_model_args`); none:
+    the default C/32."""
+    off = (None, "", "none", "None") if name == "check_probes" else (None, "", "none", "None", 0, "0")
+    if not isinstance(value, bool) and value in off:
         return None
+    least = 1 if name == "check_probes" else 2
     try:
-        k = int(value)
-    except (TypeError, ValueError):
-        k = -1
-    if k < 2:
-        raise AdaInferError(f"{name}={value!r} must be an integer >= 2 ({CHECK_ARGS[name]}), or none")
+        k = convert_arg(name, value, int)
+    except AdaInferError:
+        k = None
+    if k is None or k < least:
+        hint = "" if name == "check_probes" else ", or none"
+        raise AdaInferError(f"{name}={value!r} must be an integer >= {least} ({CHECK_ARGS[name]}){hint}")
     return k
+
+
+def parse_model_args(arg_string: str) -> dict:
+    """``--model_args`` as lm-eval parses it, but a repeated key or a key without ``=value`` is
+    refused (lm-eval keeps the last value, or an empty string, silently)."""
+    seen: dict[str, str] = {}
+    for item in (arg_string or "").split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise AdaInferError(f"model arg {item.strip()!r} has no value; write it as key=value")
+        if key in seen:
+            raise AdaInferError(f"model arg {key} is given twice ({key}={seen[key]}, {key}={value}); give it once")
+        seen[key] = value
+    return {key: lm_utils.handle_arg_string(value) for key, value in seen.items()}
 
 
 def split_model_args(policy: str, kwargs: dict):
@@ -107,39 +148,163 @@ def split_model_args(policy: str, kwargs: dict):
         raise AdaInferError("check_clusters needs check_vocab=K (the candidates it picks); add e.g. check_vocab=64")
     if checks["check_probes"] and not checks["check_clusters"]:
         raise AdaInferError("check_probes needs check_clusters=C (the clusters it probes); add e.g. check_clusters=256")
+    if checks["check_probes"] and checks["check_probes"] > checks["check_clusters"]:
+        raise AdaInferError(
+            f"check_probes={checks['check_probes']} must be between 1 and check_clusters={checks['check_clusters']} "
+            "(the clusters a first check probes)"
+        )
     policy_args = {k: v for k, v in kwargs.items() if k in policy_names}
     rest = {k: v for k, v in kwargs.items() if k not in policy_names and k not in CHECK_ARGS}
     return build_policy(str(policy), policy_args), checks, rest
 
 
-def check_model_args(arg_string: str) -> None:
-    """Validate ``--model_args`` for adainfer without loading anything (fast CLI feedback)."""
-    args = lm_utils.simple_parse_args_string(arg_string or "")
-    split_model_args(args.pop("policy", "full"), args)
+def check_model_args(arg_string: str | dict) -> None:
+    """Validate ``--model_args`` (a ``k=v,...`` string, or a dict) for adainfer without loading or
+    fetching weights (fast CLI feedback): the args, the device, the model's name or folder and,
+    where its config is here already, the ranges that depend on the model's size."""
+    args = dict(arg_string) if isinstance(arg_string, dict) else parse_model_args(arg_string or "")
+    policy, checks, rest = split_model_args(args.pop("policy", "full"), args)
+    check_device(rest.get("device"))
+    pretrained = rest.get("pretrained", DEFAULT_MODEL)
+    from .model_zoo import is_fetched, lookup, model_dir
+
+    spec = lookup(pretrained) if isinstance(pretrained, str) and not os.path.isdir(pretrained) else None
+    if spec is not None:  # a zoo model: fetched when the run starts; its config only if here
+        path = str(model_dir(spec.name)) if is_fetched(spec.name) else None
+    else:
+        path = resolve_model(pretrained)
+    identity = model_identity_from_config(path) if path else None
+    if identity is not None:
+        policy.bind(identity)
+        check_against_model(identity, checks)
+
+
+def check_device(device) -> None:
+    """Refuse a CUDA device torch cannot see, in one line (HFLM would fail with a traceback)."""
+    if device is None or not str(device).startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        raise AdaInferError(f"device={device}: torch sees no CUDA GPU here (torch.cuda.is_available() is False); use --device cpu")
+    index = str(device).partition(":")[2]
+    if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+        raise AdaInferError(f"device={device}: torch sees {torch.cuda.device_count()} CUDA GPU(s); use cuda:0..")
+
+
+def model_identity_from_config(pretrained: str) -> ModelIdentity | None:
+    """What a policy may know of the model, read from its config alone (no weights): so that
+    range errors (``layer=999``, ``check_vocab`` beyond the vocabulary) show before a load.
+    None where the config cannot be read here (the load then reports what is wrong)."""
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(pretrained)
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return ModelIdentity(
+            name=str(pretrained).rstrip("/").split("/")[-1], model_type=str(config.model_type),
+            num_layers=int(config.num_hidden_layers), hidden_size=int(config.hidden_size),
+            vocab_size=int(config.vocab_size),
+        )
+    except Exception:  # noqa: BLE001 - an early check only; the real load reports its own errors
+        return None
+
+
+def resolve_model(pretrained):
+    """``pretrained`` as HFLM will load it: a zoo name becomes its folder (fetched if needed); a
+    name that is no folder, no zoo model and not in the Hugging Face cache is refused in one line."""
+    if not isinstance(pretrained, str):
+        return pretrained
+    from .model_zoo import MODELS, resolve_pretrained
+
+    path = resolve_pretrained(pretrained)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise AdaInferError(f"pretrained={pretrained}: the folder has no config.json (not a saved Hugging Face model)")
+        return path
+    if model_identity_from_config(path) is None:
+        raise AdaInferError(
+            f"pretrained={pretrained} is not a local model folder, a zoo model ({', '.join(sorted(MODELS))}: "
+            "`adainfer-eval models list`) or a Hub model in the local Hugging Face cache"
+        )
+    return path
+
+
+def check_against_model(identity: ModelIdentity, checks: dict) -> None:
+    """Refuse exit-check args the model's size rules out (needs only its config)."""
+    vocab = identity.vocab_size
+    if checks.get("check_vocab") and checks["check_vocab"] >= vocab:
+        raise AdaInferError(
+            f"check_vocab={checks['check_vocab']} must be below the model's vocabulary ({vocab} tokens): "
+            "it is the number of tokens a pruned check keeps"
+        )
+    if checks.get("check_clusters") and checks["check_clusters"] > vocab // 2:
+        raise AdaInferError(f"check_clusters={checks['check_clusters']} must be between 2 and {vocab // 2} (half the vocabulary)")
 
 
 @register_model("adainfer")
 class AdaInferLM(HFLM):
     def __init__(self, pretrained=DEFAULT_MODEL, policy: str = "full", check_vocab: int | None = None,
                  check_clusters: int | None = None, check_probes: int | None = None, **kwargs):
-        # Build the policy first: a typo in its args should fail before a model loads.
+        prepare_adainfer_run()  # exit statistics into lm-eval's results; offline switches if our data is fetched
+        # Everything that needs no weights is checked before they load: the args, the device,
+        # the model's folder and, from its config, the ranges that depend on its size.
         checks = {"check_vocab": check_vocab, "check_clusters": check_clusters, "check_probes": check_probes}
         exit_policy, checks, kwargs = split_model_args(policy, {**kwargs, **checks})
+        if kwargs.get("device") is None:  # HFLM's default is "cuda", which fails on a CPU machine
+            kwargs["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+        if str(kwargs["device"]) == "cuda":
+            # HFLM fails on this one with a traceback. "cuda:N" it runs on the CPU when there is no
+            # GPU: lm-eval's command line passes "cuda:0" when --device is not given (an explicit
+            # --device or model-args device is checked by check_model_args / create_from_arg_*).
+            check_device("cuda")
+        self._pretrained_name = pretrained if isinstance(pretrained, str) else None
+        pretrained = resolve_model(pretrained)
         if isinstance(pretrained, str):
-            from .model_zoo import resolve_pretrained
-
-            pretrained = resolve_pretrained(pretrained)
+            identity = model_identity_from_config(pretrained)
+            if identity is not None:
+                exit_policy.bind(identity)
+                check_against_model(identity, checks)
         super().__init__(pretrained=pretrained, **kwargs)
         if self.backend != "causal":
             raise AdaInferError("adainfer needs a decoder-only (causal) model; seq2seq models are not supported")
         self.engine = EarlyExitEngine(self.model, exit_policy, **checks)
         self.generator = EarlyExitGenerator(self.engine)
         self.costs = CostModel.from_stack(self.engine.stack, check_vocab=checks["check_vocab"])
-        self._auto_batch_size: int | None = None
+        self.response_key = _response_key(pretrained, self.model, exit_policy, checks, kwargs)
+        self._probe_tokens: int | None = None  # batch_size=auto: the probe's length, when HFLM gives none
         self.model_seconds = 0.0  # wall-clock spent scoring and generating (for speedups)
         self._window_records: list[ExitRecord] | None = None
         self._generation_records: dict | None = None  # context string -> records, during generate_until
         self._batch_contexts: list[str] | None = None  # the context strings of the batch being generated
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        args = parse_model_args(arg_string)
+        check_device(args.get("device"))
+        return cls(**_merge_flags(args, additional_config))
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        check_device(arg_dict.get("device"))
+        return cls(**_merge_flags(dict(arg_dict), additional_config))
+
+    # ---- --use_cache ------------------------------------------------------------------------
+
+    def set_cache_hook(self, cache_hook) -> None:
+        """lm-eval's CachingLM (``--use_cache``) hands its sqlite dict over here.
+
+        It keys answers by the request alone, so answers computed under other model args (another
+        policy, threshold, model) would be served from the same file. This model's answers go to
+        a table of their own in that file, named by :attr:`response_key`.
+        """
+        dbdict = getattr(cache_hook, "dbdict", None)
+        key = getattr(self, "response_key", None)
+        table = f"adainfer_{key}"
+        if key is not None and dbdict is not None and getattr(dbdict, "tablename", table) != table:
+            # In place: the CachingLM that called us reads and writes this same object.
+            filename, autocommit = dbdict.filename, getattr(dbdict, "autocommit", True)
+            dbdict.close()
+            type(dbdict).__init__(dbdict, filename, tablename=table, autocommit=autocommit)
+        super().set_cache_hook(cache_hook)
 
     @property
     def exit_policy(self):
@@ -185,7 +350,7 @@ class AdaInferLM(HFLM):
             key=lambda group: -max(len(rows[sharers[0]]) for sharers in group),
         )
 
-        batch_size = self._rows_per_batch(override_bs)
+        batch_size = self._rows_per_batch(override_bs, requests, rows)
         results: list[ScoredContinuation | None] = [None] * len(requests)
         pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="Running loglikelihood requests (adainfer)")
         for batch_groups in _pack(ordered, batch_size):
@@ -211,6 +376,8 @@ class AdaInferLM(HFLM):
                     cont = torch.tensor(continuation_enc, dtype=torch.long, device=logprobs.device)
                     is_greedy = bool((greedy == cont).all())
                     logprob = float(logprobs.gather(1, cont.unsqueeze(1)).sum())
+                    if logprob != logprob:
+                        raise AdaInferError(self._nan_message(out.exit_layers[j]))
                     record = self.costs.request(
                         tokens=len(rows[i]), exit_layer=out.exit_layers[j], scored=len(continuation_enc),
                         checks=out.checks[j] / group_requests[j], share=len(sharers),
@@ -227,23 +394,48 @@ class AdaInferLM(HFLM):
             self._window_records.extend(r.exit for r in results)
         return results
 
-    def _rows_per_batch(self, override_bs: int | None) -> int:
+    def _rows_per_batch(self, override_bs: int | None, requests, rows: list[list[int]]) -> int:
         if override_bs:
             return int(override_bs)
         if self.batch_size != "auto":
             return int(self.batch_size)
-        if self._auto_batch_size is None:
-            # HFLM's probe calls _model_call (a plain forward), so it adds nothing to the statistics.
-            self._auto_batch_size = self._detect_batch_size()
-        return self._auto_batch_size
+        # As HFLM does: probe with the longest request of this call, not max_length (a probe at
+        # max_length runs minutes on a CPU for requests of a few dozen tokens). The probe calls
+        # _model_call (a plain forward), so it adds nothing to the statistics.
+        longest = max(range(len(rows)), key=lambda i: len(rows[i]))
+        return self._detect_batch_size(requests, longest)
+
+    def _detect_batch_size(self, requests=None, pos: int = 0):
+        # HFLM probes loglikelihood_rolling and generate_until at max_length; those calls set
+        # the longest input they will really run.
+        if requests is None and self._probe_tokens:
+            requests, pos = [(None, [0] * self._probe_tokens, [0])], 0
+        return super()._detect_batch_size(requests, pos)
+
+    def _nan_message(self, layer: int) -> str:
+        from .model_zoo import lookup
+
+        name = self._pretrained_name
+        spec = lookup(name) if name else None
+        fix = (f"refetch it with `adainfer-eval models fetch {spec.name} --force`" if spec is not None
+               else "check the model's weights (a damaged or truncated file?)")
+        return f"NaN in the scored log-probabilities (exit layer {layer}) of {name or 'the model'}: its weights are likely damaged; {fix}"
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         self._window_records = []
+        hook = self.cache_hook
+        # HFLM caches each document's total as a plain float: cache it only with its record, below.
+        self.cache_hook = _RecordingHook(hook, lambda attr, req, res: None)
+        if self.batch_size == "auto" and requests:
+            longest = max(len(self.tok_encode(req.args[0])) for req in requests) + 1  # + the prefix token
+            self._probe_tokens = min(longest, self.max_length)
         try:
             totals = super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
             windows = self._window_records
         finally:
             self._window_records = None
+            self._probe_tokens = None
+            self.cache_hook = hook
         scored, start = [], 0
         for req, total in zip(requests, totals):
             # HFLM splits each document into windows this way; count them to regroup the records.
@@ -253,6 +445,7 @@ class AdaInferLM(HFLM):
             )))
             scored.append(ScoredFloat(total, ExitRecord.merge(windows[start : start + count])))
             start += count
+            hook.add_partial("loglikelihood_rolling", req.args, scored[-1])
         return scored
 
     # ---- generation: per-token early exit ------------------------------------------------------
@@ -262,14 +455,28 @@ class AdaInferLM(HFLM):
         its ``_model_generate`` below runs :class:`EarlyExitGenerator` instead of model.generate."""
         started = time.perf_counter()
         self._generation_records = defaultdict(list)
+        hook = self.cache_hook
+        self.cache_hook = _RecordingHook(hook, self._generation_with_record)
+        if self.batch_size == "auto" and requests:
+            longest = max(len(self.tok_encode(req.args[0])) + int(req.args[1].get("max_gen_toks", self.max_gen_toks))
+                          for req in requests)
+            self._probe_tokens = min(longest, self.max_length)
         try:
             texts = super().generate_until(requests, disable_tqdm=disable_tqdm)
             records = self._generation_records
         finally:
             self._generation_records = None
+            self._probe_tokens = None
+            self.cache_hook = hook
             self.model_seconds += time.perf_counter() - started
         # Records are filed under the context string; identical contexts got identical work.
         return [GeneratedText(text, records[req.args[0]].pop(0)) for req, text in zip(requests, texts)]
+
+    def _generation_with_record(self, attr, req, text):
+        """HFLM caches each generation as soon as its batch is decoded: with its record, filed
+        under its context by _model_generate just before (identical contexts got identical work)."""
+        filed = (self._generation_records or {}).get(req[0]) if attr == "generate_until" else None
+        return GeneratedText(text, filed[-1]) if filed else None
 
     def tok_batch_encode(self, strings, *args, **kwargs):
         # HFLM encodes each generate_until batch here, just before _model_generate: remember
@@ -353,3 +560,68 @@ def _pack(groups: list[list], rows_per_batch: int):
         size += len(group)
     if batch:
         yield batch
+
+
+# What lm-eval's command line passes for these flags when they are not given.
+_LM_EVAL_FLAG_DEFAULTS = {"device": "cuda:0", "batch_size": "1"}
+
+
+def _merge_flags(args: dict, additional_config: dict | None) -> dict:
+    """Model args plus lm-eval's ``--batch_size``/``--device``/... flags (lm-eval would fail with
+    'got multiple values' on a key in both). A model arg overrides the value lm-eval passes for
+    an absent flag; given both ways with different values, it is refused."""
+    extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+    for key in sorted(set(args) & set(extra)):
+        if str(args[key]) == str(extra[key]) or str(extra[key]) == _LM_EVAL_FLAG_DEFAULTS.get(key):
+            del extra[key]
+            continue
+        raise AdaInferError(
+            f"{key} is given twice: {key}={args[key]} in the model args and {extra[key]} by --{key}; give it once"
+        )
+    return {**args, **extra}
+
+
+def _response_key(pretrained, model, policy, checks: dict, hflm_args: dict) -> str:
+    """A digest of everything that changes an answer: the model (its folder's files, by name,
+    size and modification time), the policy (and its file's bytes), the exit checks and HFLM's
+    args except the batch sizes (answers do not depend on them)."""
+    from importlib import metadata
+
+    if isinstance(pretrained, str):
+        files = []
+        if os.path.isdir(pretrained):
+            for name in sorted(os.listdir(pretrained)):
+                stat = os.stat(os.path.join(pretrained, name))
+                files.append([name, stat.st_size, stat.st_mtime_ns])
+        model_id = [os.path.abspath(pretrained) if os.path.isdir(pretrained) else pretrained, files]
+    else:
+        model_id = [type(model).__name__, model.config.to_json_string()]
+    source = getattr(policy, "source", None)
+    policy_bytes = None
+    if isinstance(source, str) and os.path.isfile(source):
+        with open(source, "rb") as fh:
+            policy_bytes = hashlib.sha256(fh.read()).hexdigest()
+    try:
+        version = metadata.version("adainfer-lmeval")
+    except metadata.PackageNotFoundError:
+        version = None
+    key = {
+        "version": version, "model": model_id, "policy": policy.describe(),
+        "policy_meta": getattr(policy, "meta", None), "policy_file": policy_bytes, "checks": checks,
+        "args": {k: v for k, v in hflm_args.items() if k not in ("batch_size", "max_batch_size")},
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+class _RecordingHook:
+    """HFLM's partial-result cache hook, but a partial answer is cached with its exit record
+    (so a killed run resumes with complete statistics) or, where none is known yet, not at all
+    (the caching wrapper stores the complete answer when the call returns)."""
+
+    def __init__(self, hook, wrap):
+        self.hook, self.wrap = hook, wrap
+
+    def add_partial(self, attr, req, res) -> None:
+        res = self.wrap(attr, req, res)
+        if res is not None:
+            self.hook.add_partial(attr, req, res)

@@ -8,6 +8,7 @@ New policies (learned SVM/CRF classifiers, third-party ones) register a name wit
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -110,11 +111,51 @@ def build_policy(name: str, args: dict) -> ExitPolicy:
     converted = {}
     for key, value in args.items():
         kind, _ = accepted[key]
-        try:
-            converted[key] = kind(value)
-        except (TypeError, ValueError):
-            raise AdaInferError(f"{key}={value!r} is not a valid {kind.__name__} for policy={name}") from None
+        converted[key] = convert_arg(key, value, kind, f"for policy={name}")
     return cls(**converted)
+
+
+def convert_arg(key: str, value, kind: type, where: str = ""):
+    """``value`` (a string, or what lm-eval's arg parser made of it) as ``kind``, without coercion.
+
+    ``int`` takes only whole numbers (``1.5`` and ``True`` are refused, ``int()`` would give 1);
+    ``float`` takes only finite numbers (a NaN threshold compares false with everything).
+    """
+    where = f" {where}" if where else ""
+    bad = AdaInferError(f"{key}={value!r} is not a valid {kind.__name__}{where}")
+    if kind is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float):
+            if value.is_integer():
+                return int(value)
+            raise AdaInferError(f"{key}={value!r} is not a whole number{where}")
+        text = str(value).strip()
+        if text.lstrip("+-").isdigit():
+            return int(text)
+        try:
+            number = float(text)
+        except ValueError:
+            raise bad from None
+        if number.is_integer():
+            return int(number)
+        raise AdaInferError(f"{key}={value!r} is not a whole number{where}")
+    if kind is float:
+        if isinstance(value, bool):
+            raise bad
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise bad from None
+        if not math.isfinite(number):
+            raise AdaInferError(f"{key}={value!r} must be a finite number{where}")
+        return number
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise bad from None
 
 
 # ---- policies that need no training ------------------------------------------------------
@@ -143,6 +184,8 @@ class StaticLayer(ExitPolicy):
     def __init__(self, layer: int | None = None):
         if layer is None:
             raise AdaInferError("policy=static needs layer=K (1..num_layers), e.g. policy=static,layer=12")
+        if layer < 1:
+            raise AdaInferError(f"layer={layer} must be >= 1 (layer 0 is the embeddings)")
         self.layer = layer
         self.min_layer = layer
 
@@ -176,6 +219,8 @@ class ConfidenceThreshold(ExitPolicy):
         threshold = gap if gap is not None else top_prob
         if not 0.0 <= threshold <= 1.0:
             raise AdaInferError(f"threshold {threshold} is outside 0..1 (it compares probabilities)")
+        if min_layer < 1:
+            raise AdaInferError(f"min_layer={min_layer} must be >= 1 (layer 0 is the embeddings)")
         self.feature = "gap" if gap is not None else "p1"
         self.features = (self.feature,)
         self.threshold = float(threshold)
