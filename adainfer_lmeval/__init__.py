@@ -1,14 +1,23 @@
 """AdaInfer early-exit inference as an lm-evaluation-harness backend.
 
-Importing the package registers the lm-eval model ``adainfer`` and the exit statistics that
-go into lm-eval's results, so ``lm_eval.simple_evaluate(model="adainfer", ...)`` works after
-``import adainfer_lmeval``.
+Importing the package registers the lm-eval model ``adainfer`` lazily (:mod:`.lm_eval_hook`: a
+placeholder goes into lm-eval's model registry when lm-eval fills it), so ``import
+adainfer_lmeval`` imports neither lm-eval nor torch, and ``lm_eval.simple_evaluate(model=
+"adainfer", ...)`` works after it. The exit statistics go into lm-eval's results from the moment
+an adainfer model is built. An installed copy needs no import at all: its start-up hook does the
+same for the plain ``lm_eval`` command.
 """
 
-from . import exit_report as _exit_report
-from . import learned_policies as _learned_policies  # noqa: F401  (registers policy=svm, crf, file)
-from .lm_backend import AdaInferLM  # noqa: F401  (registers "adainfer" with lm-eval)
+from . import lm_eval_hook as _lm_eval_hook
 
-_exit_report.install()
+_lm_eval_hook.install()
 
 __all__ = ["AdaInferLM"]
+
+
+def __getattr__(name: str):
+    if name == "AdaInferLM":  # the backend needs lm-eval, torch and transformers: loaded on use
+        from .lm_backend import AdaInferLM
+
+        return AdaInferLM
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -138,17 +138,37 @@ def _lm_eval_tasks_folder() -> Path:
 
 
 def tasks_dir() -> Path:
-    """The repository's top-level ``tasks/`` folder (pass it to lm-eval as include_path).
+    """The shipped ``tasks/`` folder (pass it to lm-eval as include_path; see :mod:`.paths`).
 
     Also makes sure ``tasks/_lm_eval_tasks`` links to the installed ``lm_eval/tasks`` folder:
     the YAMLs in ``tasks/`` include lm-eval's own YAMLs through it, because lm-eval resolves
     ``include:`` relative to the including file and the installed location differs between
-    machines. The link is recreated when it is missing or points elsewhere.
+    machines. The link is recreated when it is missing or points elsewhere. Where the shipped
+    folder cannot hold the link (a read-only install), a copy in the cache serves instead.
     """
-    folder = Path(__file__).resolve().parent.parent / "tasks"
-    if folder.is_dir():
-        _ensure_lm_eval_link(folder)
+    from .paths import shipped_dir
+
+    folder = shipped_dir("tasks")
+    if not os.access(folder, os.W_OK):
+        folder = _writable_copy(folder)
+    _ensure_lm_eval_link(folder)
     return folder
+
+
+def _writable_copy(folder: Path) -> Path:
+    """A copy of the task configs in the cache, keyed by their names, sizes and times."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and LM_EVAL_LINK not in p.parts)
+    key = hashlib.sha256(repr([(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+                               for p in files]).encode()).hexdigest()[:16]
+    copy = cache_path("tasks", key)
+    if not copy.is_dir():
+        partial = copy.with_name(f".{key}.{os.getpid()}")
+        shutil.copytree(folder, partial, ignore=shutil.ignore_patterns(LM_EVAL_LINK, "__pycache__"))
+        try:
+            os.replace(partial, copy)
+        except OSError:  # another process got there first
+            shutil.rmtree(partial, ignore_errors=True)
+    return copy
 
 
 def _ensure_lm_eval_link(folder: Path) -> None:

