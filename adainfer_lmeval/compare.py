@@ -18,7 +18,7 @@ from .errors import AdaInferError
 def main(argv: list[str]) -> int:
     from lm_eval.utils import simple_parse_args_string
 
-    from .report import compare_rows, load_runs, markdown_table, write_report
+    from .report import compare_rows, leaderboard_markdown, load_runs, write_report
     from .suite import FULL, Suite, TaskSpec, run_suite
 
     parser = argparse.ArgumentParser(prog="adainfer-eval compare", description=__doc__.split("\n\n")[0])
@@ -47,6 +47,6 @@ def main(argv: list[str]) -> int:
     out = Path(a.output_path)
     rows = compare_rows(load_runs(run_suite(suite, out)))
     write_report(rows, out, title=f"{model}: {policy} beside full depth")
-    print(markdown_table(rows))
+    print(leaderboard_markdown(rows))
     print(f"[compare] report: {out / 'report.md'} (also .csv, .html, plots)")
     return 0

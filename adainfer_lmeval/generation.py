@@ -100,8 +100,8 @@ class EarlyExitGenerator:
             tokens = logits.argmax(-1)
             current[running] = tokens
             still = []
-            for k, row in enumerate(running.tolist()):
-                token = int(tokens[k])
+            # One host copy per step for all rows: reading tokens[k] one by one would sync a GPU per row.
+            for k, (row, token) in enumerate(zip(running.tolist(), tokens.tolist())):
                 generated[row].append(token)
                 exit_layers[row].append(layers[k])
                 checks[row].append(counts[k])
@@ -177,4 +177,5 @@ class EarlyExitGenerator:
                 break
             hidden, alive, inputs = hidden[keep], alive[keep], inputs.select(keep)
             previous = previous[keep] if tracks_cosine else None
-        return logits, exit_layers, checks.tolist(), pruned.tolist(), head_rows.tolist()
+        checks, pruned, head_rows = torch.stack([checks, pruned, head_rows]).tolist()  # one host copy
+        return logits, exit_layers, checks, pruned, head_rows
