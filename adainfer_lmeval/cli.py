@@ -5,7 +5,8 @@
 intra-task / inter-task / inter-model study (see SUBCOMMANDS); every
 other invocation is handed to lm-eval's own CLI unchanged (``run`` flags, ``ls tasks``,
 ``validate``), with this repository's ``tasks/`` folder on the include path so the offline
-task configs are found. lm-eval reads no entry points, which is why this wrapper exists.
+task configs are found. (Plain ``lm_eval --model adainfer`` works too, through the start-up
+hook in :mod:`.lm_eval_hook`; this wrapper adds our subcommands and early one-line checks.)
 """
 
 from __future__ import annotations

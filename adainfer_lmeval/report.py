@@ -74,6 +74,12 @@ def binomial_stderr(p: float, n: int) -> float | None:
     return math.sqrt(p * (1 - p) / (n - 1)) if n > 1 and 0 <= p <= 1 else None
 
 
+def at_chance(score: float, chance: float | None, stderr: float | None) -> bool:
+    """The one rule (reports and the study): full depth is not clearly above chance when it is
+    within two standard errors of it, so a saving there proves nothing."""
+    return chance is not None and stderr is not None and score - chance <= 2 * stderr
+
+
 def _key(run: dict) -> tuple:
     s = run["settings"]
     return s["model"], s["task"], s["limit"], s["num_fewshot"]
@@ -109,7 +115,7 @@ def compare_run(full: dict, early: dict) -> dict:
     # is the independent-samples bound on the difference's standard error.
     delta_se = math.hypot(full_se, early_se) if full_se is not None and early_se is not None else None
     # "<=": a score of exactly the floor (0 of n exact matches, stderr 0) is at chance too.
-    at_chance = chance is not None and full_se is not None and full_value - chance <= 2 * full_se
+    flagged = at_chance(full_value, chance, full_se)
     requests = stats["requests"]
     seconds_full, seconds_early = full["adainfer"]["seconds"], early["adainfer"]["seconds"]
     timed = seconds_early is not None  # the oracle is computed in hindsight, not timed
@@ -134,7 +140,7 @@ def compare_run(full: dict, early: dict) -> dict:
         "ms_per_request_full": 1000 * seconds_full / max(requests, 1),
         "ms_per_request_early_exit": 1000 * seconds_early / max(requests, 1) if timed else None,
         "speedup": seconds_full / seconds_early if timed and seconds_early else None,
-        "at_chance": at_chance,
+        "at_chance": flagged,
         "exit_layer_histogram": stats.get("exit_layer_histogram", {}),
     }
 
@@ -241,10 +247,10 @@ def leaderboard(rows: list[dict]) -> list[dict]:
         def order(row: dict) -> tuple:
             m = row["macro"]
             if m is None:
-                return (2, 0.0, 0.0, row["policy"])
-            if row["within"]:
-                return (0, -m["saved"], -m["delta"], row["policy"])
-            return (1, -m["delta"], -m["saved"], row["policy"])
+                return (2, 0.0, 0.0, 0.0, row["policy"])
+            if row["within"]:  # ties in layers saved go to the cheaper policy (its checks cost FLOPs)
+                return (0, -m["saved"], -m["delta"], -(m.get("flops") or 0.0), row["policy"])
+            return (1, -m["delta"], -m["saved"], 0.0, row["policy"])
 
         ranked.sort(key=order)
         for i, row in enumerate(r for r in ranked if r["macro"] is not None):

@@ -200,11 +200,10 @@ def oracle_exits(data) -> np.ndarray:
 
 
 def at_chance(full_acc: float, chance: float, n: int) -> bool:
-    """Full depth within two binomial standard errors of chance: a saving there proves nothing."""
-    from .report import binomial_stderr
+    """Full depth within two binomial standard errors of chance (the reports' rule, one place)."""
+    from .report import at_chance as within_two_stderr, binomial_stderr
 
-    se = binomial_stderr(full_acc, n)
-    return se is not None and full_acc - chance < 2 * se
+    return within_two_stderr(full_acc, chance, binomial_stderr(full_acc, n))
 
 
 def map_point(point: dict, source_layers: int, target_layers: int) -> dict:

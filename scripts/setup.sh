@@ -17,13 +17,16 @@ fi
 constraints=scripts/constraints.txt  # the versions CI runs; pyproject.toml declares ranges
 # torch first, as the CPU build: pyproject.toml accepts any torch>=2.6, and the default build on
 # PyPI is a CUDA one. This machine's pip finds the CPU wheel through its own configuration
-# (find-links / index); elsewhere it comes from the PyTorch CPU index.
+# (find-links); elsewhere set TORCH_CPU_INDEX to an index that serves PyTorch's CPU wheels.
 if ! python -c "import sys, torch; sys.exit(torch.__version__ != '2.13.0+cpu')" 2>/dev/null; then
   echo "[setup] installing torch 2.13.0 (CPU build)"
   python -m pip install -q --upgrade pip
-  python -m pip install -q -c "$constraints" "torch==2.13.0+cpu" 2>/dev/null \
-    || python -m pip install -q -c "$constraints" "torch==2.13.0+cpu" \
-         --extra-index-url "${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"
+  if [ -n "${TORCH_CPU_INDEX:-}" ]; then
+    python -m pip install -q -c "$constraints" "torch==2.13.0+cpu" --extra-index-url "$TORCH_CPU_INDEX"
+  elif ! python -m pip install -q -c "$constraints" "torch==2.13.0+cpu"; then
+    echo "[setup] error: no CPU build of torch 2.13.0 found; set TORCH_CPU_INDEX to an index of PyTorch CPU wheels" >&2
+    exit 1
+  fi
 fi
 # The start-up hook (adainfer_lmeval_hook.pth) is part of the install: without it, reinstall.
 if ! python -c "import sys, pytest; sys.exit('adainfer_lmeval.lm_eval_hook' not in sys.modules)" 2>/dev/null; then
