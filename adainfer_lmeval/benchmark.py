@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from . import request_encoding
+
 DEFAULT_MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b")
 DEFAULT_MMLU_TASKS = ("mmlu_marketing", "mmlu_high_school_psychology", "mmlu_miscellaneous", "mmlu_high_school_biology")
 #: The threshold operating point per model (see reports/benchmark/README.md for how it was chosen).
@@ -89,10 +91,11 @@ def variants_for(model_name: str, threshold: dict | None = None, svm: bool = Tru
         out.extend(Variant("threshold", {**threshold, **args}) for args in cheap)
     if svm:
         try:
-            from . import learned_policies
+            from . import learned_policies  # noqa: F401  (registers policy=svm)
+            from . import policy_files
             from .policies import registered_policies
 
-            path = learned_policies.shipped_path(model_name, "svm")
+            path = policy_files.shipped_path(model_name, "svm")
             if "svm" in registered_policies() and path.is_file():
                 out.append(Variant("svm"))
                 out.extend(Variant("svm", dict(args)) for args in cheap[-1:])
@@ -204,11 +207,13 @@ def environment() -> dict:
 def build_requests(lm, task_limits: dict[str, int], manager=None) -> tuple[list, dict]:
     """lm-eval's loglikelihood requests ``((context, continuation), context_enc, continuation_enc)``.
 
-    Built by lm-eval itself (0-shot), tokenised by ``lm._encode_pair`` as ``loglikelihood`` does.
-    Returns the requests and, per task, (documents, requests).
+    Built by lm-eval itself (0-shot), tokenised by lm-eval's ``loglikelihood``
+    (:func:`~adainfer_lmeval.lm_backend.tokenized_requests`). Returns the requests and, per task,
+    (documents, requests).
     """
     from lm_eval.tasks import TaskManager, get_task_dict
 
+    from .lm_backend import tokenized_requests
     from .offline_data import configure_offline_environment, tasks_dir
 
     configure_offline_environment()
@@ -220,15 +225,8 @@ def build_requests(lm, task_limits: dict[str, int], manager=None) -> tuple[list,
         task.set_config(key="num_fewshot", value=0)
         task.build_all_requests(limit=task_limits[name], rank=0, world_size=1)
         instances = [i for i in task.instances if i.request_type == "loglikelihood"]
-        docs = {i.doc_id for i in instances}
-        for inst in instances:
-            context, continuation = inst.args
-            if context:
-                ctx_enc, cont_enc = lm._encode_pair(context, continuation)
-            else:
-                ctx_enc, cont_enc = [lm.prefix_token_id], lm.tok_encode(continuation)
-            requests.append(((context, continuation), ctx_enc, cont_enc))
-        counts[name] = {"documents": len(docs), "requests": len(instances)}
+        requests.extend(tokenized_requests(lm, instances))
+        counts[name] = {"documents": len({i.doc_id for i in instances}), "requests": len(instances)}
     return requests, counts
 
 
@@ -285,90 +283,23 @@ def _ideal(records) -> tuple[float, float]:
 # ---- where the engine's time goes ---------------------------------------------------------------
 
 
-class EngineTimer:
-    """Wraps one AdaInferLM's engine to attribute wall-clock: layers, exit checks, emitted heads."""
-
-    PARTS = ("layers", "check_head", "check_features", "emit", "layer_inputs", "embed")
-
-    def __init__(self, lm):
-        from . import checks as checks_module
-
-        self.lm, self.engine, self.module = lm, lm.engine, checks_module
-        self.seconds = {p: 0.0 for p in self.PARTS}
-        self.seconds.update(engine_run=0.0, backend=0.0)
-        self.calls = {"checks": 0, "check_rows": 0, "layer_calls": 0}
-        self._in_emit = False
-
-    def _wrap(self, fn, part, count=None):
-        def wrapped(*a, **kw):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                dt = time.perf_counter() - t
-                if part == "check_head" and self._in_emit:
-                    pass  # the head inside _emit is counted in "emit"
-                else:
-                    self.seconds[part] += dt
-                    if count:
-                        count(a)
-        return wrapped
-
-    def __enter__(self):
-        stack, eng = self.engine.stack, self.engine
-        self._saved = (stack.run_layer, stack.exit_logits, stack.layer_inputs, stack.embed, eng._emit, eng.run,
-                       self.module.compute_features, stack.head_logits_over)
-
-        def count_check(args):
-            self.calls["checks"] += 1
-            self.calls["check_rows"] += int(args[0].shape[0])
-
-        def count_layer(args):
-            self.calls["layer_calls"] += 1
-
-        stack.run_layer = self._wrap(self._saved[0], "layers", count_layer)
-        stack.exit_logits = self._wrap(self._saved[1], "check_head", count_check)
-        # K head rows (pruned checks) and the probed clusters' rows (picks) both go through here
-        stack.head_logits_over = self._wrap(self._saved[7], "check_head", count_check)
-        stack.layer_inputs = self._wrap(self._saved[2], "layer_inputs")
-        stack.embed = self._wrap(self._saved[3], "embed")
-        emit = self._saved[4]
-
-        def timed_emit(*a, **kw):
-            self._in_emit = True
-            t = time.perf_counter()
-            try:
-                return emit(*a, **kw)
-            finally:
-                self.seconds["emit"] += time.perf_counter() - t
-                self._in_emit = False
-
-        eng._emit = timed_emit
-        eng.run = self._wrap(self._saved[5], "engine_run")
-        self.module.compute_features = self._wrap(self._saved[6], "check_features")
-        return self
-
-    def __exit__(self, *exc):
-        stack, eng = self.engine.stack, self.engine
-        for obj, name in ((stack, "run_layer"), (stack, "exit_logits"), (stack, "head_logits_over"), (stack, "layer_inputs"),
-                          (stack, "embed"), (eng, "_emit"), (eng, "run")):
-            obj.__dict__.pop(name, None)  # drop the instance-level wrapper
-        self.module.compute_features = self._saved[6]
-        return False
-
-    def report(self, total: float) -> dict:
-        s = self.seconds
-        parts = {k: s[k] for k in self.PARTS}
-        parts["engine_other"] = s["engine_run"] - sum(parts.values())
-        parts["backend_other"] = total - s["engine_run"]  # packing, log-softmax, accounting
-        return {"total_s": total, "seconds": parts,
-                "percent": {k: 100 * v / total for k, v in parts.items()}, "calls": dict(self.calls)}
+STAGES = ("layers", "check_head", "check_features", "emit", "layer_inputs", "embed")  # see adainfer_lmeval/stages.py
 
 
 def breakdown(lm, requests) -> dict:
-    with EngineTimer(lm) as timer:
+    """One pass of ``lm`` under a :class:`~adainfer_lmeval.stages.StageClock`: where its time goes."""
+    from .stages import StageClock
+
+    with StageClock() as clock:
         total, _ = _timed_pass(lm, requests)
-    return timer.report(total)
+    seconds = clock.seconds
+    parts = {k: seconds.get(k, 0.0) for k in STAGES}
+    engine = seconds.get("engine_run", 0.0)
+    parts["engine_other"] = engine - sum(parts.values())
+    parts["backend_other"] = total - engine  # encoding, packing, log-softmax, accounting
+    calls = {"checks": clock.calls.get("check_head", 0), "check_rows": clock.rows.get("check_head", 0),
+             "layer_calls": clock.calls.get("layers", 0)}
+    return {"total_s": total, "seconds": parts, "percent": {k: 100 * v / total for k, v in parts.items()}, "calls": calls}
 
 
 # ---- the decision cost --------------------------------------------------------------------------
@@ -446,7 +377,8 @@ def picker_recall(stack, head_clusters, requests: list, first_layer: int, k: int
     off the full head's top K (what ``check_vocab`` alone computes). The picks are then timed
     again on those same states (how many rows a pick multiplies depends on the state).
     """
-    contexts = sorted({tuple(ctx[-max_length:]) for _, ctx, _ in requests})
+    groups = request_encoding.encode([(c, k) for _, c, k in requests], max_length).groups
+    contexts = sorted({tuple(g.rows[0].tokens[: g.rows[0].decision + 1]) for g in groups})
     hits, gap_errors, rows, states = [], [], [], []
     for ctx in contexts:
         hidden = stack.embed(torch.tensor([list(ctx)], device=stack.head.weight.device))
@@ -546,8 +478,8 @@ def benchmark_model(model_name: str, model, tokenizer, requests: list, variants:
 
     # lm-eval's hf backend runs one row per distinct input (its one-token-continuation logits
     # cache); adainfer runs one row per request. Both counts, with the tokens each way:
-    inputs = [tuple((c + k)[-(max_len + 1):][:-1]) for (_, c, k), max_len in
-              zip(requests, [backends[next(iter(backends))].max_length] * len(requests))]
+    inputs = [tuple(row) for row in request_encoding.encode([(c, k) for _, c, k in requests],
+                                                            backends[next(iter(backends))].max_length).rows]
     shape = {"requests": len(requests), "distinct_inputs": len(set(inputs)),
              "tokens_per_request": sum(map(len, inputs)), "tokens_distinct": sum(map(len, set(inputs)))}
     result = {"model": model_name, "num_layers": num_layers, "rows": rows, "workload": shape,

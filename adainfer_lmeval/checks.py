@@ -22,9 +22,78 @@ Knows nothing of lm-eval or policies' internals: it gets the feature names to co
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from .errors import AdaInferError
 from .features import compute_features
+from .stages import stage
+from .policies import convert_arg
+
+CHECK_ARGS = {  # model args of the exit checks: what each counts (see .head_clusters)
+    "check_vocab": "tokens kept per exit check",
+    "check_clusters": "head clusters the first check's candidates are picked from",
+    "check_probes": "head clusters a first check probes; default check_clusters/32",
+}
+
+
+@dataclass(frozen=True)
+class ExitCheckConfig:
+    """How exit checks read the head: ``vocab`` K tokens per later check (None: the full head),
+    ``clusters`` C head clusters the first check picks its K candidates from (needs ``vocab``),
+    ``probes`` of them probed per pick (needs ``clusters``; None: C/32)."""
+
+    vocab: int | None = None
+    clusters: int | None = None
+    probes: int | None = None
+
+    def __post_init__(self):
+        if self.clusters and not self.vocab:
+            raise AdaInferError("check_clusters needs check_vocab=K (the candidates it picks); add e.g. check_vocab=64")
+        if self.probes and not self.clusters:
+            raise AdaInferError("check_probes needs check_clusters=C (the clusters it probes); add e.g. check_clusters=256")
+        if self.probes and self.probes > self.clusters:
+            raise AdaInferError(
+                f"check_probes={self.probes} must be between 1 and check_clusters={self.clusters} "
+                "(the clusters a first check probes)"
+            )
+
+    @classmethod
+    def from_model_args(cls, args: dict) -> "ExitCheckConfig":
+        """The ``check_*`` entries of a model-args dict (other keys are ignored): ``check_vocab=K``
+        / ``check_clusters=C`` an integer >= 2, none/0 switched off; ``check_probes=P`` an
+        integer >= 1, none the default."""
+        return cls(*(_check_arg(name, args.get(name)) for name in CHECK_ARGS))
+
+    def model_args(self) -> dict:
+        """The config as the model args that give it (run settings, cache keys)."""
+        return dict(zip(CHECK_ARGS, (self.vocab, self.clusters, self.probes)))
+
+    def check_against(self, vocab_size: int) -> None:
+        """Refuse what a model's vocabulary rules out (needs only its config)."""
+        if self.vocab is not None and not 1 <= self.vocab < vocab_size:
+            raise AdaInferError(
+                f"check_vocab={self.vocab} must be below the model's vocabulary ({vocab_size} tokens): "
+                "it is the number of tokens a pruned check keeps"
+            )
+        if self.clusters and self.clusters > vocab_size // 2:
+            raise AdaInferError(f"check_clusters={self.clusters} must be between 2 and {vocab_size // 2} (half the vocabulary)")
+
+
+def _check_arg(name: str, value) -> int | None:
+    off = (None, "", "none", "None") if name == "check_probes" else (None, "", "none", "None", 0, "0")
+    if not isinstance(value, bool) and value in off:
+        return None
+    least = 1 if name == "check_probes" else 2
+    try:
+        k = convert_arg(name, value, int)
+    except AdaInferError:
+        k = None
+    if k is None or k < least:
+        hint = "" if name == "check_probes" else ", or none"
+        raise AdaInferError(f"{name}={value!r} must be an integer >= {least} ({CHECK_ARGS[name]}){hint}")
+    return k
 
 
 class ExitChecks:
@@ -47,11 +116,13 @@ class ExitChecks:
         """
         stack = self.stack
         n = len(state)
-        head_rows = torch.full((n,), stack.vocab_size, dtype=torch.long, device=state.device)
+        check_head_rows = torch.full((n,), stack.vocab_size, dtype=torch.long, device=state.device)
         if self.vocab is None:
-            logits = stack.exit_logits(state)
-            features = compute_features(names, logits, state, previous, layer, num_layers)
-            return features, logits, torch.zeros(n, dtype=torch.bool, device=state.device), head_rows
+            with stage("check_head", n):
+                logits = stack.exit_logits(state)
+            with stage("check_features"):
+                features = compute_features(names, logits, state, previous, layer, num_layers)
+            return features, logits, torch.zeros(n, dtype=torch.bool, device=state.device), check_head_rows
         pruned = self.pruned[slots]
         features = torch.empty(n, len(names), device=state.device)
         full_logits = None
@@ -62,16 +133,20 @@ class ExitChecks:
             rows_state = state[pick]
             rows_previous = previous[pick] if previous is not None else None
             if use_pruned:
-                logits = stack.exit_logits_over(rows_state, self.candidates[slots[pick]])
-                head_rows[pick] = self.vocab
+                with stage("check_head", len(rows_state)):
+                    logits = stack.exit_logits_over(rows_state, self.candidates[slots[pick]])
+                check_head_rows[pick] = self.vocab
             elif self.clusters is not None:  # first check: candidates from the probed clusters
-                self.candidates[slots[pick]], logits, head_rows[pick] = self.clusters.pick(stack, rows_state, self.vocab)
+                with stage("check_head", len(rows_state)):
+                    self.candidates[slots[pick]], logits, check_head_rows[pick] = self.clusters.pick(stack, rows_state, self.vocab)
                 self.pruned[slots[pick]] = True
             else:
-                logits = stack.exit_logits(rows_state)
+                with stage("check_head", len(rows_state)):
+                    logits = stack.exit_logits(rows_state)
                 self.candidates[slots[pick]] = logits.topk(self.vocab, dim=-1).indices
                 self.pruned[slots[pick]] = True
                 full_logits = logits if not bool(pruned.any()) else None
-            features[pick] = compute_features(names, logits, rows_state, rows_previous, layer, num_layers).to(features.dtype)
+            with stage("check_features"):
+                features[pick] = compute_features(names, logits, rows_state, rows_previous, layer, num_layers).to(features.dtype)
         over_k = torch.ones_like(pruned) if self.clusters is not None else pruned
-        return features, full_logits, over_k, head_rows
+        return features, full_logits, over_k, check_head_rows

@@ -25,7 +25,7 @@ SUBCOMMANDS = {
     "suite": "suite",
     "report": "report",
     "check": "check",
-    "policy": "learned_policies",
+    "policy": "policy_cli",
     "benchmark": "benchmark",
     "study": "study",
 }

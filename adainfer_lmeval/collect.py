@@ -2,11 +2,11 @@
 
 One command runs a model over (a sample of) an lm-eval task's documents with exactly the
 prompts the evaluation uses: lm-eval builds the task's requests (``task.build_all_requests``
-with the task's few-shot setting and lm-eval's default few-shot seed), the
-:class:`~adainfer_lmeval.lm_backend.AdaInferLM` instance tokenizes them as HFLM does
-(``_encode_pair``, same left truncation), the answer options of a document form one group,
-and :meth:`EarlyExitEngine.trace` gives every layer's view. Per example and per layer it
-records:
+with the task's few-shot setting and lm-eval's default few-shot seed), lm-eval's
+``TemplateLM.loglikelihood`` tokenizes them for the
+:class:`~adainfer_lmeval.lm_backend.AdaInferLM` instance, :mod:`.request_encoding` truncates
+them as HFLM does and makes the answer options of a document one group, and
+:meth:`EarlyExitEngine.trace` gives every layer's view. Per example and per layer it records:
 
 * the exit features (:data:`~adainfer_lmeval.features.FEATURE_NAMES`) at the decision
   position (the position predicting the first continuation token);
@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from .errors import AdaInferError
 from .pypi import package_versions
 from .features import FEATURE_NAMES
+from . import request_encoding
 
 SCHEMA_VERSION = 1
 DEFAULT_FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed (lm_eval.defaults)
@@ -122,6 +123,8 @@ def _gold_index(task, doc, choices: list[str]) -> int:
 
 def build_examples(lm, task, name: str, doc_ids: list[int], shots: int, fewshot_seed: int) -> list[Example]:
     """The task's lm-eval requests for ``doc_ids``, tokenized as AdaInferLM scores them."""
+    from .lm_backend import tokenized_requests
+
     if not hasattr(task, "_adainfer_default_shots"):  # the YAML's own value, before we set ours
         task._adainfer_default_shots = task.get_config("num_fewshot")
     default = task._adainfer_default_shots
@@ -149,38 +152,15 @@ def build_examples(lm, task, name: str, doc_ids: list[int], shots: int, fewshot_
         choices = task.doc_to_choice(doc)
         if len(insts) != len(choices):  # e.g. acc_mutual_info's unconditional rows
             insts = insts[: len(choices)]
-        rows, decisions, conts = [], [], []
-        for inst in insts:
-            context, continuation = inst.args
-            context_enc, continuation_enc = lm._encode_pair(context, continuation)
-            tokens = (context_enc + continuation_enc)[-(lm.max_length + 1) :][:-1]
-            rows.append(tokens)
-            decisions.append(len(tokens) - len(continuation_enc))
-            conts.append(continuation_enc)
-        prefix = {tuple(r[: d + 1]) for r, d in zip(rows, decisions)}
-        if len(prefix) != 1:  # options that do not share the decision prefix are not one group
+        encoded = request_encoding.encode([(c, k) for _, c, k in tokenized_requests(lm, insts)], lm.max_length)
+        if len(encoded.groups) != 1:  # options that do not share the decision prefix are not one group
             continue
         gold = _gold_index(task, doc, choices)
         if gold < 0:
             continue
-        examples.append(Example(name, int(doc_id), int(task.get_config("num_fewshot") or 0), rows, decisions, conts, gold))
-    task._instances = []
+        examples.append(Example(name, int(doc_id), int(task.get_config("num_fewshot") or 0), encoded.rows, encoded.decisions,
+                                encoded.continuations, gold))
     return examples
-
-
-def _batches(examples: list[Example], rows_per_batch: int, tokens_per_batch: int):
-    order = sorted(examples, key=lambda e: -max(len(r) for r in e.rows))
-    batch, rows, width = [], 0, 0
-    for ex in order:
-        w = max(width, max(len(r) for r in ex.rows))
-        if batch and (rows + len(ex.rows) > rows_per_batch or (rows + len(ex.rows)) * w > tokens_per_batch):
-            yield batch
-            batch, rows, w = [], 0, max(len(r) for r in ex.rows)
-        batch.append(ex)
-        rows += len(ex.rows)
-        width = w
-    if batch:
-        yield batch
 
 
 @torch.no_grad()
@@ -188,21 +168,18 @@ def trace_examples(engine, examples: list[Example], device, rows_per_batch=16, t
     """Fill each example's per-layer features, top-1 tokens and option loglikelihoods."""
     from .engine import ExitBatch
 
-    for batch_examples in _batches(examples, rows_per_batch, tokens_per_batch):
-        # Identical token rows (single-token options: every row is the context) run once;
-        # the model is causal, so this changes nothing but the cost.
-        rows, decisions, groups, owners = [], [], [], []
-        for g, ex in enumerate(batch_examples):
-            seen: dict[tuple, int] = {}
-            for j, r in enumerate(ex.rows):
-                key = (tuple(r), ex.decision[j])
-                if key not in seen:
-                    seen[key] = len(rows)
-                    rows.append(r)
-                    decisions.append(ex.decision[j])
-                    groups.append(g)
-                owners.append((ex, j, seen[key]))
-        batch = ExitBatch.from_rows(rows, decisions, groups, device=device)
+    # One group per document (two documents with the same prompt stay two); identical rows
+    # (single-token options: every row is the context) run once: the model is causal, so this
+    # changes nothing but the cost. --rows-per-batch counts answer options.
+    options = [(ex, j) for ex in examples for j in range(len(ex.rows))]
+    groups = request_encoding.group_rows([ex.rows[j] for ex, j in options], [ex.decision[j] for ex, j in options],
+                                         keys=[id(ex) for ex, _ in options])
+    for engine_batch in request_encoding.pack(groups, rows_per_batch, tokens_per_batch, count=lambda g: g.requests):
+        batch = ExitBatch.from_rows(engine_batch.tokens, engine_batch.decisions, engine_batch.row_groups, device=device)
+        # (example, option, batch row) per option, in option order; an example's first row speaks for it
+        row_of = sorted((i, r) for r, row in enumerate(engine_batch.rows) for i in row.requests)
+        owners = [(*options[i], r) for i, r in row_of]
+        batch_examples = list({id(ex): ex for ex, _, _ in owners}.values())
         first = {}
         for ex, _, i in owners:
             first.setdefault(id(ex), i)

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 import torch
 
 from .architectures import DecoderStack
-from .checks import ExitChecks
-from .errors import AdaInferError
+from .checks import ExitCheckConfig
+from .exit_step import ExitStep
 from .features import FEATURE_NAMES, compute_features
 from .head_clusters import HeadClusters
 from .policies import ExitPolicy
+from .stages import stage
 
 
 @dataclass
@@ -48,7 +49,7 @@ class ExitResult:
     logits: list[torch.Tensor]  # per row: [n_scored, vocab] exit logits at the scored positions
     checks: list[int]  # per row: exit-head evaluations made for its group's decision
     pruned_checks: list[int]  # per row: how many of those read K tokens only (check_vocab)
-    check_rows: list[int]  # per row: head rows its group's checks multiplied
+    check_rows: list[int]  # per row: head rows its group's checks multiplied (check head rows)
 
 
 @dataclass
@@ -59,26 +60,22 @@ class LayerView:
 
 
 class EarlyExitEngine:
-    """``check_vocab``: None for full-vocabulary checks, K for pruned ones (see :mod:`.checks`);
-    ``check_clusters``: C to pick a row's first K candidates from C head clusters instead of the
-    full head, probing ``check_probes`` of them (see :mod:`.head_clusters`; needs ``check_vocab``)."""
+    """``checks``: how exit checks read the head (:class:`.checks.ExitCheckConfig`; default: the
+    full head at every check)."""
 
-    def __init__(self, model, policy: ExitPolicy, check_vocab: int | None = None, check_clusters: int | None = None,
-                 check_probes: int | None = None):
+    def __init__(self, model, policy: ExitPolicy, checks: ExitCheckConfig | None = None):
         self.stack = DecoderStack(model)
         self.policy = policy
-        if check_vocab is not None and not 1 <= check_vocab < self.stack.vocab_size:
-            raise AdaInferError(
-                f"check_vocab={check_vocab} must be below the model's vocabulary ({self.stack.vocab_size} tokens): "
-                "it is the number of tokens a pruned check keeps"
-            )
-        self.check_vocab = check_vocab
-        self.head_clusters = None
-        if check_clusters:
-            if not check_vocab:
-                raise AdaInferError("check_clusters needs check_vocab=K (the candidates it picks); add e.g. check_vocab=64")
-            self.head_clusters = HeadClusters.for_head(self.stack.head.weight, int(check_clusters), check_probes)
+        self.checks = ExitCheckConfig() if checks is None else checks
+        self.checks.check_against(self.stack.vocab_size)
+        self.head_clusters = None  # built once from the head's weight, when the config asks for them
+        if self.checks.clusters:
+            self.head_clusters = HeadClusters.for_head(self.stack.head.weight, self.checks.clusters, self.checks.probes)
         policy.bind(self.stack.identity())
+
+    def exit_step(self, slots: int, device) -> ExitStep:
+        """The exit step of one pass with ``slots`` decision makers (groups, or generation rows)."""
+        return ExitStep(self.stack, self.policy, self.checks.vocab, self.head_clusters, slots, device)
 
     @property
     def num_layers(self) -> int:
@@ -86,7 +83,7 @@ class EarlyExitEngine:
 
     @torch.no_grad()
     def run(self, batch: ExitBatch) -> ExitResult:
-        stack, policy, num_layers = self.stack, self.policy, self.stack.num_layers
+        stack, num_layers = self.stack, self.stack.num_layers
         rows = batch.input_ids.shape[0]
         lengths, decision = batch.lengths, batch.decision_positions
         groups = batch.groups
@@ -95,50 +92,35 @@ class EarlyExitEngine:
         first_row = torch.full((n_groups,), rows, dtype=torch.long, device=groups.device)
         first_row.scatter_reduce_(0, groups, torch.arange(rows, device=groups.device), reduce="amin")
 
-        features = policy.features
-        history = torch.full(
-            (n_groups, num_layers + 1, len(features)), float("nan"), device=batch.input_ids.device
-        )
-        checks = torch.zeros(n_groups, dtype=torch.long, device=groups.device)
-        pruned_checks = torch.zeros(n_groups, dtype=torch.long, device=groups.device)  # of those, pruned-vocabulary
-        check_rows = torch.zeros(n_groups, dtype=torch.long, device=groups.device)  # head rows they multiplied
-        exit_checks = ExitChecks(stack, self.check_vocab, n_groups, groups.device, self.head_clusters)
+        step = self.exit_step(n_groups, groups.device)
         # Python copies of the spans: reading tensors element by element would sync a GPU.
         spans = list(zip(decision.tolist(), lengths.tolist()))
-        previous_state = None  # decision-position hidden state of the last layer, for "cosine"
 
         width = int(lengths.max())
-        hidden = stack.embed(batch.input_ids[:, :width])
+        with stage("embed"):
+            hidden = stack.embed(batch.input_ids[:, :width])
         active = torch.arange(rows, device=groups.device)  # batch row of each hidden row
-        inputs = stack.layer_inputs(hidden)
-        if "cosine" in features:  # layer 1 compares against the embeddings (layer 0)
+        with stage("layer_inputs"):
+            inputs = stack.layer_inputs(hidden)
+        if step.tracks_state:  # layer 1 compares against the embeddings (layer 0)
             speaker_idx, speaker_groups = self._speakers(active, groups, first_row)
-            previous_state = self._remember(None, hidden[speaker_idx, decision[speaker_idx]], speaker_groups, n_groups)
+            step.remember(hidden[speaker_idx, decision[speaker_idx]], speaker_groups)
         exit_layers = [num_layers] * rows
         logits_out: list[torch.Tensor | None] = [None] * rows
 
         for layer in range(1, num_layers):
-            hidden = stack.run_layer(layer - 1, hidden, inputs)
-            consult = policy.consults_at(layer, num_layers)
-            if not consult and "cosine" not in features:
+            with stage("layers"):
+                hidden = stack.run_layer(layer - 1, hidden, inputs)
+            consult = step.consults_at(layer)
+            if not consult and not step.tracks_state:
                 continue
             speaker_idx, speaker_groups = self._speakers(active, groups, first_row)
             state = hidden[speaker_idx, decision[active[speaker_idx]]]
             if not consult:
-                previous_state = self._remember(previous_state, state, speaker_groups, n_groups)
+                step.remember(state, speaker_groups)
                 continue
-            check_logits = None
-            if features:
-                prev = previous_state[speaker_groups] if previous_state is not None else None
-                feats, check_logits, was_pruned, head_rows = exit_checks.consult(features, state, prev, layer, num_layers, speaker_groups)
-                history[speaker_groups, layer] = feats.to(history.dtype)
-                checks[speaker_groups] += 1
-                pruned_checks[speaker_groups] += was_pruned.long()
-                check_rows[speaker_groups] += head_rows
-            if "cosine" in features:
-                previous_state = self._remember(previous_state, state, speaker_groups, n_groups)
-            stop = policy.decide(layer, num_layers, history[speaker_groups, : layer + 1])
-            stopped = speaker_groups[stop.to(speaker_groups.device)]
+            stop, check_logits = step.decide(layer, state, speaker_groups)
+            stopped = speaker_groups[stop]
             if stopped.numel() == 0:
                 continue
             leaving = torch.isin(groups[active], stopped)
@@ -148,20 +130,24 @@ class EarlyExitEngine:
             if check_logits is not None:
                 speakers = active[speaker_idx].tolist()
                 known = {r: check_logits[k : k + 1] for k, r in enumerate(speakers) if spans[r][1] - spans[r][0] == 1}
-            self._emit(hidden[leaving], active[leaving], layer, spans, exit_layers, logits_out, known)
+            with stage("emit"):
+                self._emit(hidden[leaving], active[leaving], layer, spans, exit_layers, logits_out, known)
             hidden, active = hidden[~leaving], active[~leaving]
             if active.numel() == 0:
                 break
             # Trailing padding that no remaining row needs is not computed any further.
             width = int(lengths[active].max())
             hidden = hidden[:, :width]
-            inputs = stack.layer_inputs(hidden)
+            with stage("layer_inputs"):
+                inputs = stack.layer_inputs(hidden)
         else:
-            hidden = stack.run_layer(num_layers - 1, hidden, inputs)
-            self._emit(hidden, active, num_layers, spans, exit_layers, logits_out)
+            with stage("layers"):
+                hidden = stack.run_layer(num_layers - 1, hidden, inputs)
+            with stage("emit"):
+                self._emit(hidden, active, num_layers, spans, exit_layers, logits_out)
 
-        return ExitResult(exit_layers, logits_out, checks[groups].tolist(), pruned_checks[groups].tolist(),  # type: ignore[arg-type]
-                          check_rows[groups].tolist())
+        checks, pruned_checks, check_head_rows = step.counts(groups)
+        return ExitResult(exit_layers, logits_out, checks, pruned_checks, check_head_rows)  # type: ignore[arg-type]
 
     @torch.no_grad()
     def trace(self, batch: ExitBatch):
@@ -201,13 +187,6 @@ class EarlyExitEngine:
         is_speaker = first_row[active_groups] == active
         idx = torch.nonzero(is_speaker, as_tuple=True)[0]
         return idx, active_groups[idx]
-
-    @staticmethod
-    def _remember(previous, state, speaker_groups, n_groups):
-        if previous is None:
-            previous = state.new_zeros((n_groups, state.shape[-1]))
-        previous[speaker_groups] = state
-        return previous
 
     def _emit(self, hidden, rows, layer, spans, exit_layers, logits_out, known=None):
         """Exit logits at the scored positions of ``rows``, in one head call (``known``: already computed)."""

@@ -30,7 +30,6 @@ from typing import Callable, Iterable
 import torch
 
 from .engine import EarlyExitEngine
-from .checks import ExitChecks
 from .kv_cache import RowCache
 
 
@@ -40,16 +39,19 @@ class GenerationOutput:
     exit_layers: list[list[int]]  # per row, per generated token: the layer its logits came from
     checks: list[list[int]]  # per row, per generated token: exit-head evaluations made for it
     pruned_checks: list[list[int]]  # per row, per generated token: of those, over K tokens only
-    check_rows: list[list[int]]  # per row, per generated token: head rows its checks multiplied
+    check_rows: list[list[int]]  # per row, per generated token: head rows its checks multiplied (check head rows)
     prompt_lengths: list[int]  # real (unpadded) prompt tokens per row
 
 
 class EarlyExitGenerator:
+    """Generation with ``engine``'s model, policy and exit checks (read from it at each step)."""
+
     def __init__(self, engine: EarlyExitEngine):
-        self.stack = engine.stack
-        self.policy = engine.policy
-        self.check_vocab = engine.check_vocab
-        self.head_clusters = engine.head_clusters
+        self.engine = engine
+
+    @property
+    def stack(self):
+        return self.engine.stack
 
     @torch.no_grad()
     def generate(
@@ -91,12 +93,12 @@ class EarlyExitGenerator:
         exit_layers: list[list[int]] = [[] for _ in range(rows)]
         checks: list[list[int]] = [[] for _ in range(rows)]
         pruned_checks: list[list[int]] = [[] for _ in range(rows)]
-        check_rows: list[list[int]] = [[] for _ in range(rows)]
+        check_head_rows: list[list[int]] = [[] for _ in range(rows)]
         current = input_ids[:, width - 1].clone()
         running = torch.arange(rows, device=device)
         for step in range(max_new_tokens):
             slot = width - 1 + step
-            logits, layers, counts, pruned_counts, rows_counts = self._step(current[running], running, slot, positions, valid, cache)
+            logits, layers, counts, pruned_counts, head_row_counts = self._step(current[running], running, slot, positions, valid, cache)
             tokens = logits.argmax(-1)
             current[running] = tokens
             still = []
@@ -106,7 +108,7 @@ class EarlyExitGenerator:
                 exit_layers[row].append(layers[k])
                 checks[row].append(counts[k])
                 pruned_checks[row].append(pruned_counts[k])
-                check_rows[row].append(rows_counts[k])
+                check_head_rows[row].append(head_row_counts[k])
                 done = token in eos or (finished is not None and finished(generated[row]))
                 still.append(not done)
             running = running[torch.tensor(still, dtype=torch.bool, device=device)]
@@ -119,12 +121,12 @@ class EarlyExitGenerator:
         for row, tokens in enumerate(generated):
             sequences[row, width : width + len(tokens)] = torch.tensor(tokens, dtype=input_ids.dtype)
         prompt_lengths = attention_mask.long().sum(-1).tolist()
-        return GenerationOutput(sequences, exit_layers, checks, pruned_checks, check_rows, prompt_lengths)
+        return GenerationOutput(sequences, exit_layers, checks, pruned_checks, check_head_rows, prompt_lengths)
 
     def _step(self, tokens, rows, slot, positions, valid, cache):
         """One token per row in ``rows`` at cache slot ``slot``: (logits [n, vocab], exit layers, checks)."""
-        stack, policy = self.stack, self.policy
-        num_layers, features = stack.num_layers, policy.features
+        stack = self.stack
+        num_layers = stack.num_layers
         n = tokens.shape[0]
         step_positions = positions[rows, slot : slot + 1]
         hidden = stack.embed(tokens.unsqueeze(1), step_positions)
@@ -132,14 +134,9 @@ class EarlyExitGenerator:
 
         logits = torch.empty(n, stack.vocab_size, device=tokens.device)
         exit_layers = [num_layers] * n
-        checks = torch.zeros(n, dtype=torch.long, device=tokens.device)
-        pruned = torch.zeros(n, dtype=torch.long, device=tokens.device)  # of the checks, over K tokens only
-        head_rows = torch.zeros(n, dtype=torch.long, device=tokens.device)  # head rows the checks multiplied
-        exit_checks = ExitChecks(stack, self.check_vocab, n, tokens.device, self.head_clusters)
-        history = torch.full((n, num_layers + 1, len(features)), float("nan"), device=tokens.device)
+        step = self.engine.exit_step(n, tokens.device)
         alive = torch.arange(n, device=tokens.device)  # step rows still running layers
-        tracks_cosine = "cosine" in features  # the cosine feature compares with the layer before
-        previous = hidden[:, -1] if tracks_cosine else None
+        step.remember(hidden[:, -1], alive)  # layer 1 compares against the embeddings (layer 0)
 
         for layer in range(1, num_layers + 1):
             hidden = stack.run_layer(layer - 1, hidden, inputs, cache.at(slot, rows[alive]))
@@ -147,19 +144,10 @@ class EarlyExitGenerator:
             if layer == num_layers:
                 logits[alive] = stack.exit_logits(state).to(logits.dtype)
                 break
-            consult = policy.consults_at(layer, num_layers)
-            check_logits = None
-            if consult and features:  # a policy without features (static) needs no exit head
-                feats, check_logits, was_pruned, rows_used = exit_checks.consult(features, state, previous, layer, num_layers, alive)
-                history[alive, layer] = feats.to(history.dtype)
-                checks[alive] += 1
-                pruned[alive] += was_pruned.long()
-                head_rows[alive] += rows_used
-            if tracks_cosine:
-                previous = state
-            if not consult:
+            if not step.consults_at(layer):
+                step.remember(state, alive)
                 continue
-            stop = policy.decide(layer, num_layers, history[alive, : layer + 1]).to(alive.device)
+            stop, check_logits = step.decide(layer, state, alive)
             if not bool(stop.any()):
                 continue
             leaving = alive[stop]
@@ -176,6 +164,5 @@ class EarlyExitGenerator:
             if not bool(keep.any()):
                 break
             hidden, alive, inputs = hidden[keep], alive[keep], inputs.select(keep)
-            previous = previous[keep] if tracks_cosine else None
-        checks, pruned, head_rows = torch.stack([checks, pruned, head_rows]).tolist()  # one host copy
-        return logits, exit_layers, checks, pruned, head_rows
+        checks, pruned_checks, check_head_rows = step.counts()
+        return logits, exit_layers, checks, pruned_checks, check_head_rows

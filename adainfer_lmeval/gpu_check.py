@@ -47,6 +47,7 @@ import torch
 from .accounting import CostModel
 from .architectures import DecoderStack
 from .benchmark import Variant, _ideal, _records, decision_cost, make_backend
+from .checks import ExitCheckConfig
 from .engine import EarlyExitEngine, ExitBatch
 from .errors import AdaInferError
 from .generation import EarlyExitGenerator
@@ -426,11 +427,9 @@ def _variant_specs(num_layers: int) -> list[dict]:
     ]
 
 
-def _set_policy(engine, generator, policy: ExitPolicy) -> None:
+def _set_policy(engine, policy: ExitPolicy) -> None:
     policy.bind(engine.stack.identity())
-    engine.policy = policy
-    if generator is not None:
-        generator.policy = policy
+    engine.policy = policy  # the generator reads its policy from the engine
 
 
 class LmEvalRunner:
@@ -440,7 +439,7 @@ class LmEvalRunner:
         self.label, self.policy = spec["label"], spec.get("policy")
         self.lm = make_backend(spec["variant"], model, tokenizer, batch_size, str(device))
         if self.policy is not None:
-            _set_policy(self.lm.engine, self.lm.generator, self.policy)
+            _set_policy(self.lm.engine, self.policy)
 
     def __call__(self, requests) -> list:
         if self.policy is not None:
@@ -457,9 +456,9 @@ class EngineRunner:
         self.engine = None
         if not variant.is_hf:
             args = dict(variant.policy_args)
-            check_vocab = args.pop("check_vocab", None)
-            self.engine = EarlyExitEngine(model, self.policy or build_policy(variant.name, args), check_vocab=check_vocab)
-            self.costs = CostModel.from_stack(self.engine.stack, check_vocab=check_vocab)
+            checks = ExitCheckConfig(vocab=args.pop("check_vocab", None))
+            self.engine = EarlyExitEngine(model, self.policy or build_policy(variant.name, args), checks=checks)
+            self.costs = CostModel.from_stack(self.engine.stack, check_vocab=checks.vocab)
 
     @torch.no_grad()
     def __call__(self, requests) -> list:

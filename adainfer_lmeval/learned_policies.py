@@ -1,449 +1,158 @@
-"""AdaInfer's learned stop classifiers (SVM and CRF) as exit policies, and their safe files.
+"""AdaInfer's learned stop classifiers: one estimator class per kind, one exit-policy wrapper.
 
-``policy=svm`` / ``policy=crf`` load the policy shipped for the running model
-(``policies/<model short name>/svm.json`` or ``crf.json``, chosen in :meth:`bind` from
-:attr:`ModelIdentity.name`); ``policy=file,path=P`` (or ``policy=P`` where ``P`` ends in
-``.json`` or contains ``/``) loads any policy file.
+A kind is a :class:`LearnedKind` subclass in the scikit-learn style: ``fit(X, y)`` on layer
+sequences, ``decision_function(X)`` (torch in, torch out, a batch of rows), plain parameters
+(``to_dict`` / ``from_dict`` of its JSON payload, ``files`` for what sits next to the JSON).
+:func:`register_kind` puts it in :data:`LEARNED_KINDS` (what training, the study and
+``policy=file`` look kinds up in) and makes ``policy=<kind>`` an exit policy.
 
-File formats (text only; nothing is ever unpickled):
-
-* SVM: one JSON file with the feature list, the standardisation (mean, scale), the linear
-  coefficients and intercept, and the operating point (``threshold`` on the decision value,
-  ``min_layer``).
-* CRF: a JSON metadata file plus the crfsuite model file it names (``crfsuite_file``, next
-  to it) with its sha256. crfsuite trusts every size and offset in its file (a bad one is a
-  segfault, not an error), so before it opens one here the file is checked (size, magic,
-  hash), then parsed in Python (header, feature table, both string databases, both reference
-  tables: every offset, size, count and index against the file's real length), and finally
-  opened and tagged once by crfsuite in a child process, whose crash or hang is a refusal.
-  The operating point is a threshold on the CRF's marginal P(stop at layer l) computed on
-  the *prefix* sequence of layers 1..l, so a decision never reads later layers.
-
-Both carry metadata: the model (name, type, layers, hidden size, vocab), the label mode,
-training tasks, shots, data hashes, package versions and validation figures. Loading refuses,
-in one line (:class:`AdaInferError`), a pickle, a corrupt or foreign file, and a policy whose
-model does not match the running one.
+:class:`LearnedPolicy` is the one wrapper: it loads ``policies/<model>/<kind>.json`` (or
+``path=``) through :mod:`.policy_files`, checks that it fits the running model, and applies the
+operating point: stop at the first layer l >= ``min_layer`` whose score reaches ``threshold``.
+A score at layer l reads layers <= l only: the SVM's is its decision value on layer l; the CRF's
+is the marginal P(stop at l | layers seq_start..l) of the linear-chain CRF on that prefix, the
+forward algorithm's alpha at l normalised, carried from one layer to the next.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
-import math
-import os
-import struct
-import subprocess
-import sys
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from . import policy_files as pf
 from .errors import AdaInferError
-from .features import FEATURE_NAMES
 from .policies import ExitPolicy, ModelIdentity, register_policy
 
-log = logging.getLogger(__name__)
-
-FORMAT = "adainfer-exit-policy"
-FORMAT_VERSION = 1
-KINDS = ("svm", "crf")
-MAX_FILE_BYTES = 1_000_000
-CRF_MAGIC = b"lCRF"
-STOP, GO = "stop", "go"
-
-
-def policies_dir() -> Path:
-    """The shipped policies: ``$ADAINFER_POLICIES`` or the package's ``policies/`` (see :mod:`.paths`)."""
-    from .paths import shipped_dir
-
-    explicit = os.environ.get("ADAINFER_POLICIES")
-    return Path(explicit) if explicit else shipped_dir("policies")
-
-
-def shipped_path(model_name: str, kind: str) -> Path:
-    return policies_dir() / model_name / f"{kind}.json"
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-# ---- reading files safely ---------------------------------------------------------------------
-
-
-def _looks_like_pickle(data: bytes) -> bool:
-    if data[:1] == b"\x80" and len(data) > 1 and data[1:2] in bytes(range(2, 6)):
-        return True  # pickle protocol 2..5 header
-    if data[:2] == b"PK":  # zip: torch.save / joblib-in-zip archives hold pickles
-        return True
-    return data[:1] in (b"(", b"]", b"}", b"c") and data.rstrip().endswith(b".")  # protocol 0/1
-
-
-def read_policy_json(path: str | Path) -> dict:
-    """The policy metadata at ``path``: checked to be a small JSON policy file, never unpickled."""
-    path = Path(path)
-    if path.suffix.lower() in (".pkl", ".pickle", ".joblib", ".pt", ".bin", ".sav"):
-        raise AdaInferError(f"{path}: refusing a {path.suffix} file (pickles are never loaded); policy files are JSON")
-    data = _read_small_file(path, "policy file")
-    if _looks_like_pickle(data):
-        raise AdaInferError(f"{path}: this is a pickle/zip archive, not a JSON policy file; refusing to unpickle it")
-    try:
-        meta = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise AdaInferError(f"{path}: corrupt policy file (not valid JSON: {str(error).splitlines()[0]})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise AdaInferError(f"{path}: not an adainfer exit-policy file (missing \"format\": \"{FORMAT}\")")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise AdaInferError(f"{path}: policy format version {meta.get('format_version')!r} is not supported (need {FORMAT_VERSION})")
-    if meta.get("kind") not in KINDS:
-        raise AdaInferError(f"{path}: unknown policy kind {meta.get('kind')!r}; known: {', '.join(KINDS)}")
-    _check_fields(path, meta)
-    return meta
-
-
-def _read_small_file(path: Path, what: str) -> bytes:
-    """A regular file's bytes, at most MAX_FILE_BYTES; one-line errors for anything else."""
-    try:
-        info = path.stat()  # follows symlinks: a loop is an OSError (ELOOP) here
-    except FileNotFoundError:
-        raise AdaInferError(f"{what} {path} does not exist") from None
-    except OSError as error:  # symlink loop, permission, name too long
-        raise AdaInferError(f"{what} {path} cannot be read ({error.strerror or error})") from None
-    if path.is_dir():
-        raise AdaInferError(f"{what} {path} is a directory, not a file")
-    if not path.is_file():
-        raise AdaInferError(f"{what} {path} is not a regular file")
-    if info.st_size > MAX_FILE_BYTES:
-        raise AdaInferError(f"{path}: {info.st_size} bytes is too large for a {what} (limit {MAX_FILE_BYTES})")
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise AdaInferError(f"{what} {path} cannot be read ({error.strerror or error})") from None
-    if len(data) > MAX_FILE_BYTES:  # grew since stat
-        raise AdaInferError(f"{path}: too large for a {what} (limit {MAX_FILE_BYTES})")
-    return data
-
-
-# Far beyond any trained value, small enough that a dot product of a few of them stays finite.
-MAX_PARAMETER = 1e12
-
-
-def _finite(v) -> bool:
-    """A JSON number that stays finite as a float (an integer of 400 digits does not)."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return False
-    try:
-        return math.isfinite(float(v)) and abs(float(v)) <= MAX_PARAMETER
-    except OverflowError:
-        return False
-
-
-def _number(path, meta, key):
-    value = meta.get(key)
-    if not _finite(value):
-        raise AdaInferError(f"{path}: corrupt policy file ({key!r} must be a finite number of magnitude "
-                            f"<= {MAX_PARAMETER:g}, got {str(value)[:40]})")
-    return float(value)
-
-
-def _vector(path, meta, key, n):
-    value = meta.get(key)
-    if not isinstance(value, list) or len(value) != n or not all(_finite(v) for v in value):
-        raise AdaInferError(f"{path}: corrupt policy file ({key!r} must be {n} finite numbers of magnitude <= {MAX_PARAMETER:g})")
-    return [float(v) for v in value]
-
-
-def _positive_int(path, meta, key, default=None):
-    value = meta.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise AdaInferError(f"{path}: corrupt policy file ({key!r} must be an integer >= 1, got {str(value)[:40]!r})")
-    return value
-
-
-def _check_fields(path: Path, meta: dict) -> None:
-    model = meta.get("model")
-    if not isinstance(model, dict) or not all(k in model for k in ("name", "num_layers", "hidden_size")):
-        raise AdaInferError(f"{path}: corrupt policy file (\"model\" must name name, num_layers, hidden_size)")
-    feats = meta.get("features")
-    if not isinstance(feats, list) or not feats or any(f not in FEATURE_NAMES for f in feats):
-        raise AdaInferError(f"{path}: corrupt policy file (\"features\" must be a non-empty subset of {', '.join(FEATURE_NAMES)})")
-    n = len(feats)
-    scaler = meta.get("scaler")
-    if not isinstance(scaler, dict):
-        raise AdaInferError(f"{path}: corrupt policy file (missing \"scaler\")")
-    _vector(path, scaler, "mean", n)
-    scale = _vector(path, scaler, "scale", n)
-    if any(s <= 0 for s in scale):
-        raise AdaInferError(f"{path}: corrupt policy file (scaler scale must be positive)")
-    _number(path, meta, "threshold")
-    _positive_int(path, meta, "min_layer")
-    for key in ("num_layers", "hidden_size"):
-        _positive_int(path, model, key)
-    if meta["kind"] == "svm":
-        _vector(path, meta, "coef", n)
-        _number(path, meta, "intercept")
-    else:
-        name = meta.get("crfsuite_file")
-        if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
-            raise AdaInferError(f"{path}: corrupt policy file (\"crfsuite_file\" must be a file name next to it)")
-        if not isinstance(meta.get("crfsuite_sha256"), str):
-            raise AdaInferError(f"{path}: corrupt policy file (missing \"crfsuite_sha256\")")
-        _positive_int(path, meta, "seq_start", 1)
-
-
-def read_crfsuite_bytes(json_path: Path, meta: dict) -> bytes:
-    """The CRF model bytes, checked (size, magic, sha256) before crfsuite may parse them."""
-    model_path = Path(json_path).parent / meta["crfsuite_file"]
-    if not model_path.exists() and not model_path.is_symlink():
-        raise AdaInferError(f"{json_path}: its crfsuite model {model_path.name} is missing")
-    data = _read_small_file(model_path, "crfsuite policy model")
-    if _looks_like_pickle(data) and not data.startswith(CRF_MAGIC):
-        raise AdaInferError(f"{model_path}: this is a pickle/zip archive, not a crfsuite model; refusing to unpickle it")
-    if not data.startswith(CRF_MAGIC):
-        raise AdaInferError(f"{model_path}: corrupt crfsuite model (bad magic; expected a file written by crfsuite)")
-    if sha256_bytes(data) != meta["crfsuite_sha256"]:
-        raise AdaInferError(f"{model_path}: corrupt crfsuite model (sha256 differs from {json_path.name})")
-    check_crfsuite_structure(data, model_path)
-    smoke_crfsuite_in_child(data, len(meta["features"]), model_path)
-    return data
-
-
-# ---- the crfsuite model format (crfsuite's crf1d_model.c and cqdb.c), checked in Python -------
-
-CRF_HEADER = struct.Struct("<4sI4sIIIIIIIII")  # magic, size, type, version, counts, five chunk offsets
-CRF_VERSION = 100
-CHUNK = struct.Struct("<4sII")  # id, size, count
-FEATURE = struct.Struct("<IIId")  # type (0 state, 1 transition), src, dst, weight
-CQDB_HEADER = struct.Struct("<4sIIIII")  # id, size, flag, byte order, backward size, backward offset
-CQDB_TABLES = 256
-CQDB_BYTEORDER = 0x62445371
-
-
-def _u32(data: bytes, offset: int) -> int:
-    return struct.unpack_from("<I", data, offset)[0]
-
-
-def _check_cqdb(data: bytes, start: int, expected: int, what: str) -> None:
-    """A string database (labels or attributes): ``expected`` NUL-terminated records, ids 0..expected-1,
-    hash tables with a free slot each (crfsuite probes until it finds one), a backward array."""
-    if start + CQDB_HEADER.size + 8 * CQDB_TABLES > len(data):
-        raise ValueError(f"{what} table at offset {start} runs past the end of the file")
-    chunk_id, size, _, byteorder, bwd_size, bwd_offset = CQDB_HEADER.unpack_from(data, start)
-    if chunk_id != b"CQDB" or byteorder != CQDB_BYTEORDER:
-        raise ValueError(f"{what} table at offset {start} is not a crfsuite string table")
-    if size < CQDB_HEADER.size + 8 * CQDB_TABLES or start + size > len(data):
-        raise ValueError(f"{what} table claims {size} bytes; {len(data) - start} are left in the file")
-    chunk = data[start : start + size]
-
-    def record(offset: int) -> int:
-        if offset < CQDB_HEADER.size + 8 * CQDB_TABLES or offset + 8 > size:
-            raise ValueError(f"{what} table points outside itself (offset {offset})")
-        rid, ksize = struct.unpack_from("<II", chunk, offset)
-        if ksize < 1 or offset + 8 + ksize > size or chunk.find(b"\0", offset + 8) != offset + 8 + ksize - 1:
-            raise ValueError(f"{what} table has a name that runs past its end (offset {offset})")
-        if rid >= expected:
-            raise ValueError(f"{what} table holds id {rid}; the header counts {expected}")
-        return rid
-
-    # crfsuite counts names as the sum of half of each table's slots (its writer fills half of them),
-    # empty tables included, and lists names 0..count-1 through the backward array.
-    ids, counted = set(), 0
-    for t in range(CQDB_TABLES):
-        offset, num = struct.unpack_from("<II", chunk, CQDB_HEADER.size + 8 * t)
-        if not offset:
-            if num:
-                raise ValueError(f"{what} table's empty hash table {t} claims {num} slots")
-            continue
-        if num == 0 or num % 2 or offset + 8 * num > size:
-            raise ValueError(f"{what} table's hash table {t} ({num} slots) runs past its end")
-        used = [slot_offset for _, slot_offset in (struct.unpack_from("<II", chunk, offset + 8 * k) for k in range(num))
-                if slot_offset]
-        if len(used) != num // 2:  # also: a free slot remains, so a look-up ends
-            raise ValueError(f"{what} table's hash table {t} fills {len(used)} of {num} slots; crfsuite writes half")
-        ids.update(record(slot_offset) for slot_offset in used)
-        counted += num // 2
-    if counted != expected or len(ids) != expected:  # every id is < expected (record() checked)
-        raise ValueError(f"{what} table holds {len(ids)} distinct names in {counted} slots; the header counts {expected}")
-    if not bwd_offset or bwd_size < expected or bwd_offset + 4 * expected > size:
-        raise ValueError(f"{what} table's id -> name array is missing or runs past its end")
-    for i in range(expected):
-        if record(_u32(chunk, bwd_offset + 4 * i)) != i:
-            raise ValueError(f"{what} table's id -> name array maps {i} to another name")
-
-
-def _check_refs(data: bytes, start: int, chunk_id: bytes, expected: int, num_features: int, what: str) -> None:
-    """A feature-reference table: per label (or attribute), an absolute offset to (count, feature ids).
-
-    crfsuite writes two more label slots than labels (unused, offset 0) and reads only the first
-    ``expected``."""
-    if start + CHUNK.size > len(data):
-        raise ValueError(f"{what} references at offset {start} run past the end of the file")
-    got_id, size, count = CHUNK.unpack_from(data, start)
-    if (got_id != chunk_id or count < expected or size < CHUNK.size + 4 * count or start + size > len(data)):
-        raise ValueError(f"{what} references at offset {start} are not a {chunk_id.decode()} table of {expected}")
-    for i in range(expected):
-        offset = _u32(data, start + CHUNK.size + 4 * i)
-        if offset + 4 > len(data):
-            raise ValueError(f"{what} {i}'s feature list is past the end of the file")
-        n = _u32(data, offset)
-        if offset + 4 + 4 * n > len(data):
-            raise ValueError(f"{what} {i} claims {n} features; the file ends first")
-        bad = [f for f in struct.unpack_from(f"<{n}I", data, offset + 4) if f >= num_features]
-        if bad:
-            raise ValueError(f"{what} {i} refers to feature {bad[0]}; the file has {num_features}")
-
-
-def check_crfsuite_structure(data: bytes, source) -> None:
-    """Refuse (one line) a crfsuite model whose sizes, offsets, counts or indices do not fit the file."""
-    try:
-        if len(data) < CRF_HEADER.size:
-            raise ValueError(f"{len(data)} bytes is shorter than the {CRF_HEADER.size}-byte header")
-        magic, size, kind, version, header_features, labels, attrs, off_feat, off_labels, off_attrs, off_lrefs, off_arefs = (
-            CRF_HEADER.unpack_from(data, 0))
-        if magic != CRF_MAGIC or kind != b"FOMC" or version != CRF_VERSION:
-            raise ValueError(f"not a first-order crfsuite model of version {CRF_VERSION} ({magic!r} {kind!r} {version})")
-        if size != len(data):
-            raise ValueError(f"the header says {size} bytes but the file has {len(data)} (truncated or altered)")
-        if not 2 <= labels <= len(data) // 8 or not 1 <= attrs <= len(data) // 8:  # a name takes >= 9 bytes
-            raise ValueError(f"{labels} labels and {attrs} attributes do not fit in {len(data)} bytes "
-                             "(a stop/go model has 2 labels)")
-        if off_feat + CHUNK.size > len(data):
-            raise ValueError(f"the feature table offset {off_feat} is past the end of the file")
-        chunk_id, feat_size, num_features = CHUNK.unpack_from(data, off_feat)
-        if chunk_id != b"FEAT" or feat_size != CHUNK.size + FEATURE.size * num_features or off_feat + feat_size > len(data):
-            raise ValueError(f"the feature table ({num_features} features, {feat_size} bytes) does not fit the file")
-        if header_features not in (0, num_features):  # crfsuite's writer leaves it 0
-            raise ValueError(f"the header counts {header_features} features; the feature table holds {num_features}")
-        for i in range(num_features):
-            ftype, src, dst, weight = FEATURE.unpack_from(data, off_feat + CHUNK.size + FEATURE.size * i)
-            if ftype not in (0, 1) or dst >= labels or src >= (attrs if ftype == 0 else labels) or not math.isfinite(weight):
-                raise ValueError(f"feature {i} (type {ftype}, {src} -> {dst}, weight {weight}) is out of range")
-        _check_cqdb(data, off_labels, labels, "label")
-        _check_cqdb(data, off_attrs, attrs, "attribute")
-        _check_refs(data, off_lrefs, b"LFRF", labels, num_features, "label")
-        _check_refs(data, off_arefs, b"AFRF", attrs, num_features, "attribute")
-    except (ValueError, struct.error) as error:
-        raise AdaInferError(f"{source}: corrupt crfsuite model ({error}); retrain it or restore the shipped file") from None
-
-
-_SMOKE = r"""
-import json, sys
-import pycrfsuite
-n = int(sys.argv[1])
-model = sys.stdin.buffer.read()  # crfsuite keeps a pointer into these bytes: they must stay alive
-tagger = pycrfsuite.Tagger()
-tagger.open_inmemory(model)
-labels = tagger.labels()
-item = {f"f{i}": 0.5 for i in range(n)}
-item["bias"] = 1.0
-tagger.set([item, item, item])
-tagger.tag()
-print(json.dumps({"labels": labels, "p": [tagger.marginal(label, 2) for label in labels]}))
-"""
-_SMOKED: set[str] = set()  # sha256 of models a child opened and tagged cleanly in this process
-SMOKE_TIMEOUT_S = 60
-
-
-def smoke_crfsuite_in_child(data: bytes, num_features: int, source) -> None:
-    """Open and tag the model once in a child process: crfsuite's crash or hang kills the child only."""
-    digest = sha256_bytes(data)
-    if digest in _SMOKED:
-        return
-    try:
-        done = subprocess.run([sys.executable, "-c", _SMOKE, str(num_features)], input=data, capture_output=True,
-                              timeout=SMOKE_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        raise AdaInferError(f"{source}: corrupt crfsuite model (crfsuite did not finish reading it in "
-                            f"{SMOKE_TIMEOUT_S} s); retrain it or restore the shipped file") from None
-    if done.returncode != 0:
-        last = (done.stderr.decode(errors="replace").strip().splitlines() or [""])[-1][:200]
-        how = (f"crfsuite crashed reading it: signal {-done.returncode}" if done.returncode < 0
-               else f"crfsuite could not use it: {last or f'exit code {done.returncode}'}")
-        raise AdaInferError(f"{source}: corrupt crfsuite model ({how}); retrain it or restore the shipped file")
-    try:
-        result = json.loads(done.stdout)
-        ok = sorted(result["labels"]) == sorted([STOP, GO]) and all(_finite(p) and 0 <= p <= 1 for p in result["p"])
-    except (ValueError, KeyError, TypeError):
-        ok = False
-    if not ok:
-        raise AdaInferError(f"{source}: corrupt crfsuite model (its labels or probabilities are not a stop/go "
-                            f"model's: {done.stdout[:120]!r})")
-    _SMOKED.add(digest)
-
-
-def check_fits(meta: dict, model: ModelIdentity, source: str) -> None:
-    """Refuse (one line) a policy trained for another model; warn if only the name differs."""
-    want = meta["model"]
-    problems = []
-    for key, have in (("num_layers", model.num_layers), ("hidden_size", model.hidden_size),
-                      ("vocab_size", model.vocab_size), ("model_type", model.model_type)):
-        if key in want and want[key] != have:
-            problems.append(f"{key} {want[key]} != {have}")
-    if problems:
-        raise AdaInferError(
-            f"{source} was trained for {want['name']} ({want.get('num_layers')} layers, hidden {want.get('hidden_size')}) "
-            f"and does not fit the running model {model.name} ({'; '.join(problems)})"
-        )
-    if want["name"] != model.name:
-        log.warning("%s was trained for %s; running it on %s (same shape)", source, want["name"], model.name)
-    if meta["min_layer"] >= model.num_layers:
-        raise AdaInferError(f"{source}: min_layer {meta['min_layer']} is not below the model's {model.num_layers} layers")
-
-
-# ---- the classifiers (numpy/torch only; shared by the policies and by training) ---------------
-
-
-def standardize(meta: dict, x: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(meta["scaler"]["mean"], dtype=torch.float64)
-    scale = torch.tensor(meta["scaler"]["scale"], dtype=torch.float64)
-    return (x.double().cpu() - mean) / scale
-
-
-def svm_scores(meta: dict, x: torch.Tensor) -> torch.Tensor:
-    """Decision values [.., ] of the linear SVM for raw features x [..., F] (policy's order)."""
-    coef = torch.tensor(meta["coef"], dtype=torch.float64)
-    return standardize(meta, x) @ coef + float(meta["intercept"])
-
-
-def crf_item(values) -> dict:
-    """One layer as crfsuite attributes: standardized feature values and a bias."""
-    item = {f"f{i}": float(v) for i, v in enumerate(values)}
-    item["bias"] = 1.0
-    return item
-
-
-class CrfScorer:
-    """P(stop at the last layer | layers of the prefix), with a crfsuite tagger."""
-
-    def __init__(self, meta: dict, model_bytes: bytes):
-        import pycrfsuite
-
-        self.meta = meta
-        self.tagger = pycrfsuite.Tagger()
-        # crfsuite reads the model from this buffer without copying it: keep it alive.
-        self._model_bytes = bytes(model_bytes)
-        try:
-            self.tagger.open_inmemory(self._model_bytes)
-        except Exception as error:  # noqa: BLE001  (crfsuite's own errors are not ours)
-            raise AdaInferError(f"corrupt crfsuite model ({type(error).__name__}: {error})") from None
-        if STOP not in self.tagger.labels():
-            raise AdaInferError(f"crfsuite model has labels {self.tagger.labels()}, expected {STOP!r} and {GO!r}")
-
-    def prefix_stop_prob(self, z_prefix) -> float:
-        """``z_prefix``: standardized features of layers seq_start..l (a list of rows)."""
-        self.tagger.set([crf_item(v) for v in z_prefix])
-        return self.tagger.marginal(STOP, len(z_prefix) - 1)
-
-    def all_prefix_probs(self, z_seq) -> list[float]:
-        return [self.prefix_stop_prob(z_seq[: t + 1]) for t in range(len(z_seq))]
-
-
-# ---- the policies ----------------------------------------------------------------------------
+LEARNED_KINDS: dict[str, type["LearnedKind"]] = {}
+
+
+def register_kind(name: str):
+    """Class decorator: a learned kind ``name``, reachable as ``policy=name`` and by training."""
+
+    def wrap(cls):
+        cls.kind = name
+        LEARNED_KINDS[name] = cls
+        policy = type(f"{cls.__name__.removesuffix('Kind')}Policy", (LearnedPolicy,), {"kind": name, "__doc__": cls.__doc__})
+        policy.__module__ = __name__
+        cls.policy = register_policy(name)(policy)
+        return cls
+
+    return wrap
+
+
+def learned_kind(name: str) -> type["LearnedKind"]:
+    if name not in LEARNED_KINDS:
+        raise AdaInferError(f"unknown policy kind {name!r}; known: {', '.join(LEARNED_KINDS)}")
+    return LEARNED_KINDS[name]
+
+
+def read_policy(path: str | Path) -> tuple[type["LearnedKind"], dict]:
+    """(kind class, metadata) of a policy file, every field checked; nothing is unpickled."""
+    meta = pf.read_policy_json(path)
+    kind = LEARNED_KINDS.get(meta["kind"])
+    if kind is None:
+        raise AdaInferError(f"{path}: unknown policy kind {meta['kind']!r}; known: {', '.join(LEARNED_KINDS)}")
+    kind.check_dict(Path(path), meta)
+    return kind, meta
+
+
+def _standardize(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (x.to(torch.float64) - mean) / scale
+
+
+class LearnedKind:
+    """A stop classifier over per-layer features. ``X``: [rows, layers, features], raw values in
+    the policy's feature order; the classifier standardizes them with its scaler (mean, scale).
+
+    A subclass sets how one layer is scored in :meth:`step` (``state`` carries what the score at
+    the next layer needs, None at the first layer of a chain) and its parameters.
+    """
+
+    kind = ""
+    policy: type["LearnedPolicy"]
+    #: the first layer a score reads (a chain); None: the score at layer l reads layer l only
+    seq_start: int | None = None
+    #: what the score is (recorded with the operating point)
+    score_meaning = ""
+
+    def __init__(self, mean=None, scale=None):
+        self.mean = None if mean is None else [float(v) for v in mean]
+        self.scale = None if scale is None else [float(v) for v in scale]
+        self._tensors: dict[torch.device, dict] = {}
+
+    def to_dict(self) -> dict:
+        """The JSON payload of the parameters (merged into the policy file's metadata)."""
+        return {"scaler": {"mean": list(self.mean), "scale": list(self.scale)}}
+
+    def files(self) -> dict[str, bytes]:
+        """Files written next to the JSON: name -> bytes."""
+        return {}
+
+    @classmethod
+    def check_dict(cls, path: Path, meta: dict) -> None:
+        """Refuse (one line) a file whose kind-specific fields are unsound."""
+
+    @classmethod
+    def from_dict(cls, meta: dict, path: Path | None = None) -> "LearnedKind":
+        raise NotImplementedError
+
+    @classmethod
+    def check_files(cls, path: Path, meta: dict) -> None:
+        """Check the files the JSON names without starting a process (for listings)."""
+
+    def fit(self, X: np.ndarray, y: np.ndarray, **options) -> "LearnedKind":
+        """Fit on layer sequences ``X`` [N, T, F] with stop labels ``y`` bool [N, T]; returns self."""
+        raise NotImplementedError
+
+    def _fit_scaler(self, x: np.ndarray) -> np.ndarray:
+        """Set the scaler from rows ``x`` [n, F]; returns them standardized."""
+        mean, scale = x.mean(0), x.std(0)
+        scale[scale < 1e-8] = 1.0
+        self.mean, self.scale, self._tensors = mean.tolist(), scale.tolist(), {}
+        as_tensor = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+        return _standardize(as_tensor(x), as_tensor(self.mean), as_tensor(self.scale)).numpy()
+
+    def tensors(self, device) -> dict:
+        """The scoring tensors on ``device``, built once from the plain parameters."""
+        device = torch.device(device)
+        if device not in self._tensors:
+            made = {"mean": torch.tensor(self.mean, dtype=torch.float64),
+                    "scale": torch.tensor(self.scale, dtype=torch.float64), **self._build_tensors()}
+            self._tensors[device] = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in made.items()}
+        return self._tensors[device]
+
+    def _build_tensors(self) -> dict:
+        return {}
+
+    def standardize(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.tensors(x.device)
+        return _standardize(x, t["mean"], t["scale"])
+
+    def step(self, state, x: torch.Tensor):
+        """(state for the next layer, float64 score [rows]) of one layer's raw features ``x`` [rows, F]."""
+        raise NotImplementedError
+
+    def decision_function(self, X: torch.Tensor) -> torch.Tensor:
+        """Scores [N, T] of every layer of ``X`` [N, T, F]; the score at t reads layers <= t only
+        (the same steps the policy takes layer by layer)."""
+        state, out = None, []
+        for t in range(X.shape[1]):
+            state, score = self.step(state, X[:, t])
+            out.append(score)
+        return torch.stack(out, 1)
 
 
 class LearnedPolicy(ExitPolicy):
-    """A stop classifier read from a policy file; ``decide`` at layer l reads layers <= l only."""
+    """A learned kind's file as an exit policy; ``decide`` at layer l reads layers <= l only.
+
+    A chained kind (the CRF) carries its state from layer l-1 to l: the rows at l are those of
+    l-1 that it did not stop, in order (the exit step's contract: stopped rows leave); when the
+    row count is unchanged, they are the same rows. Any other call (a first layer, a gap, more
+    rows) starts the chain again from the history.
+    """
 
     kind = ""
     params = {
@@ -453,47 +162,83 @@ class LearnedPolicy(ExitPolicy):
     }
 
     def __init__(self, path: str | None = None, threshold: float | None = None, min_layer: int | None = None):
-        if threshold is not None and not _finite(threshold):
+        if threshold is not None and not pf.finite(threshold):
             raise AdaInferError(f"threshold={threshold} must be a finite number")
         self.path = Path(path) if path else None
         self._threshold_override = threshold
         self._min_layer_override = min_layer
         self.meta: dict | None = None
+        self.estimator: LearnedKind | None = None
         self.features = ()
         self.min_layer = 1 if min_layer is None else int(min_layer)
+        self._carry = None
         if self.path is not None:  # read now: a bad file fails before a model loads
             self._load(self.path)
 
     def _load(self, path: Path) -> None:
-        meta = read_policy_json(path)
+        kind, meta = read_policy(path)
         if self.kind and meta["kind"] != self.kind:
             raise AdaInferError(f"{path} holds a {meta['kind']} policy, not {self.kind}; use policy={meta['kind']},path=... or policy={path}")
-        self._extra_load(path, meta)
+        self.estimator = kind.from_dict(meta, path)
         self.meta = meta
         self.source = str(path)
         self.features = tuple(meta["features"])
         self.threshold = float(meta["threshold"] if self._threshold_override is None else self._threshold_override)
         self.min_layer = int(meta["min_layer"] if self._min_layer_override is None else self._min_layer_override)
-        if not _finite(self.threshold):
+        if not pf.finite(self.threshold):
             raise AdaInferError(f"threshold={self.threshold} must be a finite number (policy {self.kind or meta['kind']})")
         if self.min_layer < 1:
             raise AdaInferError(f"min_layer={self.min_layer} must be >= 1")
 
-    def _extra_load(self, path: Path, meta: dict) -> None:
-        pass
-
     def bind(self, model: ModelIdentity) -> None:
         if self.meta is None:
-            path = shipped_path(model.name, self.kind)
+            path = pf.shipped_path(model.name, self.kind)
             if not path.exists():
-                shipped = sorted(p.parent.name for p in policies_dir().glob(f"*/{self.kind}.json"))
+                shipped = sorted(p.parent.name for p in pf.policies_dir().glob(f"*/{self.kind}.json"))
                 raise AdaInferError(
                     f"no {self.kind} policy is shipped for model {model.name!r} (shipped for: {', '.join(shipped) or 'none'}); "
                     f"train one with python -m adainfer_lmeval.train --model {model.name}, then pass path=..."
                 )
             self._load(path)
-        check_fits(self.meta, model, self.source)
+        pf.check_fits(self.meta, model, self.source)
         super().bind(model)
+
+    def consults_at(self, layer: int, num_layers: int) -> bool:
+        start = self.estimator.seq_start if self.estimator is not None else None
+        first = self.min_layer if start is None else min(start, self.min_layer)  # a chain reads every layer
+        return first <= layer < num_layers
+
+    def decide(self, layer, num_layers, history):
+        estimator = self.estimator
+        start = estimator.seq_start
+        x = history[:, layer, :]
+        if start is None:
+            _, score = estimator.step(None, x)
+        elif layer < start:
+            self._carry = None
+            return torch.zeros(history.shape[0], dtype=torch.bool, device=history.device)
+        else:
+            state = self._carried(layer, history.shape[0])
+            if state is None and layer > start:  # restart the chain from the history
+                for earlier in range(start, layer):
+                    state, _ = estimator.step(state, history[:, earlier, :])
+            state, score = estimator.step(state, x)
+        stop = score >= self.threshold
+        if layer < self.min_layer:
+            stop = torch.zeros_like(stop)
+        if start is not None:
+            self._carry = (layer, state, stop)
+        return stop
+
+    def _carried(self, layer: int, rows: int):
+        carry, self._carry = self._carry, None
+        if carry is None or carry[0] != layer - 1 or rows > carry[1].shape[0]:
+            return None
+        _, state, stop = carry
+        if rows == state.shape[0]:
+            return state
+        # The rows it did not stop, in order; ``rows`` (known on the host) says how many: no sync.
+        return state[torch.argsort(stop.to(torch.int8), stable=True)[:rows]]
 
     def describe(self) -> dict:
         meta = self.meta or {}
@@ -505,145 +250,178 @@ class LearnedPolicy(ExitPolicy):
         }
 
 
-@register_policy("svm")
-class SvmPolicy(LearnedPolicy):
-    """AdaInfer's SVM: stop at the first layer >= min_layer whose decision value >= threshold."""
-
-    kind = "svm"
-
-    def decide(self, layer, num_layers, history):
-        x = history[:, layer, :]  # this layer's features only
-        stop = svm_scores(self.meta, x) >= self.threshold
-        if layer < self.min_layer:
-            stop[:] = False
-        return stop.to(history.device)
-
-
-@register_policy("crf")
-class CrfPolicy(LearnedPolicy):
-    """A linear-chain CRF over layers: stop when P(stop at l | layers seq_start..l) >= threshold."""
-
-    kind = "crf"
-
-    def _extra_load(self, path, meta):
-        self.scorer = CrfScorer(meta, read_crfsuite_bytes(path, meta))
-        self.seq_start = meta.get("seq_start", 1)  # an integer >= 1: read_policy_json checked it
-
-    def consults_at(self, layer: int, num_layers: int) -> bool:
-        # The chain needs every layer from seq_start on (decisions only from min_layer).
-        return min(self.seq_start, self.min_layer) <= layer < num_layers
-
-    def decide(self, layer, num_layers, history):
-        rows = history.shape[0]
-        stop = torch.zeros(rows, dtype=torch.bool)
-        if layer >= self.min_layer and layer >= self.seq_start:
-            z = standardize(self.meta, history[:, self.seq_start : layer + 1, :]).tolist()
-            for r in range(rows):
-                stop[r] = self.scorer.prefix_stop_prob(z[r]) >= self.threshold
-        return stop.to(history.device)
-
-
 @register_policy("file")
 class PolicyFile(ExitPolicy):
-    """``policy=file,path=P``: whichever learned policy the file holds (svm or crf)."""
+    """``policy=file,path=P``: whichever learned kind the file holds."""
 
     params = LearnedPolicy.params
 
     def __new__(cls, path: str | None = None, threshold: float | None = None, min_layer: int | None = None):
         if not path:
             raise AdaInferError("policy=file needs path=<policy .json>, e.g. policy=file,path=policies/smollm2-135m/svm.json")
-        meta = read_policy_json(path)
-        target = SvmPolicy if meta["kind"] == "svm" else CrfPolicy
-        return target(path=path, threshold=threshold, min_layer=min_layer)
+        kind, _ = read_policy(path)
+        return kind.policy(path=path, threshold=threshold, min_layer=min_layer)
 
 
-def is_policy_path(name: str) -> bool:
-    """A ``policy=`` value that names a file rather than a registered policy."""
-    return "/" in name or os.sep in name or name.lower().endswith(".json")
+@register_kind("svm")
+class SvmKind(LearnedKind):
+    """AdaInfer's linear SVM on single layers: score = coef · standardized features + intercept."""
+
+    score_meaning = "SVM decision value"
+
+    def __init__(self, mean=None, scale=None, coef=None, intercept: float = 0.0):
+        super().__init__(mean, scale)
+        self.coef = None if coef is None else [float(v) for v in coef]
+        self.intercept = float(intercept)
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "coef": list(self.coef), "intercept": self.intercept}
+
+    @classmethod
+    def check_dict(cls, path, meta):
+        pf.vector(path, meta, "coef", len(meta["features"]))
+        pf.number(path, meta, "intercept")
+
+    @classmethod
+    def from_dict(cls, meta, path=None):
+        return cls(meta["scaler"]["mean"], meta["scaler"]["scale"], meta["coef"], meta["intercept"])
+
+    def fit(self, X, y, C: float = 0.1):
+        from sklearn.svm import LinearSVC
+
+        x = np.asarray(X, dtype=np.float64).reshape(-1, X.shape[-1])
+        t = np.asarray(y).reshape(-1)
+        z = self._fit_scaler(x)
+        if t.all() or not t.any():  # one class only: a constant score
+            self.coef, self.intercept = [0.0] * x.shape[1], 1.0 if t.all() else -1.0
+        else:
+            clf = LinearSVC(C=C, class_weight="balanced", max_iter=20000).fit(z, t)
+            self.coef, self.intercept = clf.coef_[0].tolist(), float(clf.intercept_[0])
+        self._tensors = {}
+        return self
+
+    def _build_tensors(self):
+        return {"coef": torch.tensor(self.coef, dtype=torch.float64)}
+
+    def step(self, state, x):
+        return None, self.standardize(x) @ self.tensors(x.device)["coef"] + self.intercept
 
 
-# ---- `adainfer-eval policy list` --------------------------------------------------------------
+def crf_item(values) -> dict:
+    """One layer as crfsuite attributes: standardized feature values and a bias."""
+    item = {f"f{i}": float(v) for i, v in enumerate(values)}
+    item["bias"] = 1.0
+    return item
 
 
-def shipped_policies() -> list[tuple[Path, dict | None, str | None]]:
-    """(path, metadata or None, error or None) for every shipped policy file."""
-    out = []
-    for path in sorted(policies_dir().glob("*/*.json")):
-        try:
-            meta = read_policy_json(path)
-            if meta["kind"] == "crf":  # its model file too (structure only: listing starts no process)
-                model_path = path.parent / meta["crfsuite_file"]
-                data = _read_small_file(model_path, "crfsuite policy model")
-                if sha256_bytes(data) != meta["crfsuite_sha256"]:
-                    raise AdaInferError(f"{model_path}: corrupt crfsuite model (sha256 differs from {path.name})")
-                check_crfsuite_structure(data, model_path)
-            out.append((path, meta, None))
-        except AdaInferError as error:
-            out.append((path, None, str(error)))
-    return out
+@register_kind("crf")
+class CrfKind(LearnedKind):
+    """A linear-chain CRF over layers (labels stop/go), trained by crfsuite; scored in torch.
 
+    The emission of label y at a layer is the sum over the layer's attributes (:func:`crf_item`)
+    of weight(attribute, y) × value; the score at layer l is the forward algorithm's alpha at l
+    normalised: P(stop at l | layers seq_start..l).
+    """
 
-def _row(path: Path, meta: dict) -> list[str]:
-    val = meta.get("validation") or {}
-    tr = meta.get("training") or {}
-    model = meta["model"]
-    layers = model.get("num_layers")
-    shots = ",".join(str(s) for s in tr.get("shots", []))
-    acc = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
-    saved = val.get("layers_saved")
-    return [
-        model["name"], meta["kind"], f"{(meta.get('label') or {}).get('mode', '?')}/{(meta.get('label') or {}).get('prediction', '?')}",
-        f"{len(tr.get('tasks', []))} tasks, {shots}-shot, {tr.get('docs', '?')} examples",
-        f"{acc(val.get('full_acc'))} ({acc(val.get('chance_acc'))})", acc(val.get("policy_acc")),
-        "-" if saved is None else f"{100 * saved:.1f}% ({val.get('mean_exit_layer', 0):.1f}/{layers})",
-        f"thr={meta['threshold']:.3g} min_layer={meta['min_layer']}",
-        str(path.relative_to(policies_dir().parent)) if path.is_relative_to(policies_dir().parent) else str(path),
-    ]
+    seq_start = 1
+    score_meaning = "CRF marginal P(stop at l | layers seq_start..l)"
+    crfsuite_file = "crf.crfsuite"
 
+    def __init__(self, mean=None, scale=None, model_bytes: bytes | None = None, seq_start: int = 1):
+        super().__init__(mean, scale)
+        self.model_bytes = model_bytes
+        self.seq_start = int(seq_start)
+        self._cached_weights: dict | None = None
 
-def main(argv: list[str] | None = None) -> int:
-    """``adainfer-eval policy list [--json]`` / ``policy show FILE``."""
-    import argparse
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "seq_start": self.seq_start, "crfsuite_file": self.crfsuite_file,
+                "crfsuite_sha256": pf.sha256_bytes(self.model_bytes)}
 
-    parser = argparse.ArgumentParser(prog="adainfer-eval policy", description="Shipped early-exit stop classifiers.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    lister = sub.add_parser("list", help="what is shipped, trained on what, validation accuracy and savings")
-    lister.add_argument("--json", action="store_true", help="print the metadata as JSON")
-    show = sub.add_parser("show", help="check a policy file and print its metadata")
-    show.add_argument("file")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "show":
-            print(json.dumps(read_policy_json(args.file), indent=2))
-            return 0
-        entries = shipped_policies()
-        if args.json:
-            print(json.dumps([{"file": str(p), "meta": m, "error": e} for p, m, e in entries], indent=2))
-            return 0
-        header = ["model", "kind", "labels", "trained on", "val full (chance)", "val policy", "layers saved", "operating point", "file"]
-        rows, broken = [], [(p, e) for p, m, e in entries if e is not None]
-        for p, m, e in entries:
-            if m is None:
-                continue
+    def files(self):
+        return {self.crfsuite_file: self.model_bytes}
+
+    @classmethod
+    def check_dict(cls, path, meta):
+        pf.positive_int(path, meta, "seq_start", 1)
+        pf.check_crfsuite_fields(path, meta)
+
+    @classmethod
+    def from_dict(cls, meta, path=None):
+        if path is None:
+            raise AdaInferError("a CRF policy is read from its file (its crfsuite model sits next to the JSON)")
+        data = pf.read_crfsuite_bytes(Path(path), meta)
+        kind = cls(meta["scaler"]["mean"], meta["scaler"]["scale"], data, meta.get("seq_start", 1))
+        kind._weights(source=path)  # a model whose labels or attributes are not ours fails now
+        return kind
+
+    @classmethod
+    def check_files(cls, path, meta):
+        pf.read_crfsuite_bytes(Path(path), meta, smoke=False)
+
+    def fit(self, X, y, c2: float = 0.1, max_iterations: int = 200):
+        import sklearn_crfsuite
+
+        x = np.asarray(X, dtype=np.float64)
+        z = self._fit_scaler(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+        xs = [[crf_item(v) for v in seq] for seq in z]
+        ys = [[pf.STOP if s else pf.GO for s in seq] for seq in y]
+        if y.all() or not y.any():  # crfsuite needs both labels: add one flipped dummy sequence
+            xs.append(xs[0])
+            ys.append([pf.GO if s == pf.STOP else pf.STOP for s in ys[0]])
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / self.crfsuite_file
+            crf = sklearn_crfsuite.CRF(algorithm="lbfgs", c1=0.0, c2=c2, max_iterations=max_iterations,
+                                       all_possible_transitions=True, model_filename=str(path))
+            crf.fit(xs, ys)
+            self.model_bytes = path.read_bytes()
+        if not self.model_bytes.startswith(pf.CRF_MAGIC):
+            raise AdaInferError("crfsuite wrote an unexpected model file")
+        self._tensors, self._cached_weights = {}, None
+        return self
+
+    def _weights(self, source="crfsuite model") -> dict:
+        """Emission weights [F + 1, 2] (rows f0..f{F-1}, bias; columns stop, go) and transitions
+        [2, 2] (from, to), read from the crfsuite model once."""
+        if self._cached_weights is None:
+            import pycrfsuite
+
+            tagger = pycrfsuite.Tagger()
             try:
-                rows.append(_row(p, m))
-            except (KeyError, TypeError, ValueError, AttributeError) as error:  # metadata beyond what loading needs
-                broken.append((p, f"unreadable metadata for the listing ({type(error).__name__}: {error})"))
-        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-        print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-        print("  ".join("-" * w for w in widths))
-        for r in rows:
-            print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
-        for p, e in broken:
-            print(f"BROKEN {p}: {e}")
-        if not entries:
-            print(f"(no policies under {policies_dir()})")
-        print("val: held-out training documents (accuracy = lm-eval acc; savings mean something only above chance)")
-        return 0
-    except AdaInferError as error:
-        print(f"adainfer-eval policy: error: {error}", file=sys.stderr)
-        return 2
+                tagger.open_inmemory(self.model_bytes)
+                info = tagger.info()
+            except Exception as error:  # noqa: BLE001  (crfsuite's own errors are not ours)
+                raise AdaInferError(f"{source}: corrupt crfsuite model ({type(error).__name__}: {error})") from None
+            finally:
+                tagger.close()
+            labels = [pf.STOP, pf.GO]
+            if sorted(info.labels) != sorted(labels):
+                raise AdaInferError(f"{source}: crfsuite model has labels {sorted(info.labels)}, expected {labels}")
+            names = [f"f{i}" for i in range(len(self.mean))] + ["bias"]
+            emission = torch.zeros(len(names), 2, dtype=torch.float64)
+            for (attribute, label), weight in info.state_features.items():
+                if attribute not in names:
+                    raise AdaInferError(f"{source}: crfsuite model reads attribute {attribute!r}; "
+                                        f"a policy's are {names[0]}..{names[-2]} and bias")
+                emission[names.index(attribute), labels.index(label)] = weight
+            transitions = torch.zeros(2, 2, dtype=torch.float64)
+            for (src, dst), weight in info.transitions.items():
+                transitions[labels.index(src), labels.index(dst)] = weight
+            self._cached_weights = {"emission": emission, "transitions": transitions}
+        return self._cached_weights
 
+    def _build_tensors(self):
+        weights = self._weights()
+        mean = torch.tensor(self.mean, dtype=torch.float64)
+        scale = torch.tensor(self.scale, dtype=torch.float64)
+        emission = weights["emission"][:-1]
+        # the scaler folded in: ((x - mean) / scale) @ W + b = x @ (W / scale) + (b - (mean / scale) @ W)
+        return {"emission": emission / scale[:, None], "bias": weights["emission"][-1] - (mean / scale) @ emission,
+                "transitions": weights["transitions"]}
 
-if __name__ == "__main__":
-    sys.exit(main())
+    def step(self, alpha, x):
+        t = self.tensors(x.device)
+        emission = torch.addmm(t["bias"], x.to(torch.float64), t["emission"])  # [rows, 2]
+        if alpha is not None:  # alpha_l(y) = logsumexp_y' (alpha_{l-1}(y') + transition(y', y)) + emission_l(y)
+            emission = emission + torch.logsumexp(alpha[:, :, None] + t["transitions"], dim=1)
+        alpha = torch.log_softmax(emission, dim=1)  # normalised: log P(label at l | layers seq_start..l)
+        return alpha, alpha[:, 0].exp()

@@ -24,6 +24,7 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 from lm_eval import utils as lm_utils
+from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
@@ -33,8 +34,11 @@ from .engine import EarlyExitEngine, ExitBatch
 from .generation import EarlyExitGenerator
 from .errors import AdaInferError
 from . import learned_policies  # noqa: F401  (registers policy=svm, crf, file)
+from . import request_encoding
+from .stages import stage
 from .lm_eval_hook import prepare_adainfer_run
-from .policies import ModelIdentity, build_policy, convert_arg, policy_arg_names
+from .checks import CHECK_ARGS, ExitCheckConfig
+from .policies import ModelIdentity, build_policy, policy_arg_names
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -88,31 +92,6 @@ def _hflm_arg_names() -> set[str]:
     return {n for n in inspect.signature(HFLM.__init__).parameters if n not in ("self", "kwargs")}
 
 
-CHECK_ARGS = {  # model args of the exit checks: what each counts (see .checks, .head_clusters)
-    "check_vocab": "tokens kept per exit check",
-    "check_clusters": "head clusters the first check's candidates are picked from",
-    "check_probes": "head clusters a first check probes; default check_clusters/32",
-}
-
-
-def _check_arg(name: str, value) -> int | None:
-    """``check_vocab=K`` / ``check_clusters=C``: an integer >= 2; none/0: switched off.
-    ``check_probes=P``: an integer >= 1 (checked against C in :func:`split_model_args`); none:
-    the default C/32."""
-    off = (None, "", "none", "None") if name == "check_probes" else (None, "", "none", "None", 0, "0")
-    if not isinstance(value, bool) and value in off:
-        return None
-    least = 1 if name == "check_probes" else 2
-    try:
-        k = convert_arg(name, value, int)
-    except AdaInferError:
-        k = None
-    if k is None or k < least:
-        hint = "" if name == "check_probes" else ", or none"
-        raise AdaInferError(f"{name}={value!r} must be an integer >= {least} ({CHECK_ARGS[name]}){hint}")
-    return k
-
-
 def parse_model_args(arg_string: str) -> dict:
     """``--model_args`` as lm-eval parses it, but a repeated key or a key without ``=value`` is
     refused (lm-eval keeps the last value, or an empty string, silently)."""
@@ -131,7 +110,7 @@ def parse_model_args(arg_string: str) -> dict:
 
 
 def split_model_args(policy: str, kwargs: dict):
-    """(the exit policy, the parsed exit-check args, the args left for HFLM); one-line errors
+    """(the exit policy, the :class:`ExitCheckConfig`, the args left for HFLM); one-line errors
     for unknown or bad args."""
     policy_names = policy_arg_names()
     valid = _hflm_arg_names() | policy_names | {"pretrained"} | set(CHECK_ARGS)
@@ -143,16 +122,7 @@ def split_model_args(policy: str, kwargs: dict):
             "parallelize=True (one model split over several GPUs) is not supported by the early-exit engine; "
             "run data-parallel instead: accelerate launch -m adainfer_lmeval ..."
         )
-    checks = {name: _check_arg(name, kwargs.get(name)) for name in CHECK_ARGS}
-    if checks["check_clusters"] and not checks["check_vocab"]:
-        raise AdaInferError("check_clusters needs check_vocab=K (the candidates it picks); add e.g. check_vocab=64")
-    if checks["check_probes"] and not checks["check_clusters"]:
-        raise AdaInferError("check_probes needs check_clusters=C (the clusters it probes); add e.g. check_clusters=256")
-    if checks["check_probes"] and checks["check_probes"] > checks["check_clusters"]:
-        raise AdaInferError(
-            f"check_probes={checks['check_probes']} must be between 1 and check_clusters={checks['check_clusters']} "
-            "(the clusters a first check probes)"
-        )
+    checks = ExitCheckConfig.from_model_args(kwargs)
     policy_args = {k: v for k, v in kwargs.items() if k in policy_names}
     rest = {k: v for k, v in kwargs.items() if k not in policy_names and k not in CHECK_ARGS}
     return build_policy(str(policy), policy_args), checks, rest
@@ -176,7 +146,7 @@ def check_model_args(arg_string: str | dict) -> None:
     identity = model_identity_from_config(path) if path else None
     if identity is not None:
         policy.bind(identity)
-        check_against_model(identity, checks)
+        checks.check_against(identity.vocab_size)
 
 
 def check_device(device) -> None:
@@ -228,18 +198,6 @@ def resolve_model(pretrained):
     return path
 
 
-def check_against_model(identity: ModelIdentity, checks: dict) -> None:
-    """Refuse exit-check args the model's size rules out (needs only its config)."""
-    vocab = identity.vocab_size
-    if checks.get("check_vocab") and checks["check_vocab"] >= vocab:
-        raise AdaInferError(
-            f"check_vocab={checks['check_vocab']} must be below the model's vocabulary ({vocab} tokens): "
-            "it is the number of tokens a pruned check keeps"
-        )
-    if checks.get("check_clusters") and checks["check_clusters"] > vocab // 2:
-        raise AdaInferError(f"check_clusters={checks['check_clusters']} must be between 2 and {vocab // 2} (half the vocabulary)")
-
-
 @register_model("adainfer")
 class AdaInferLM(HFLM):
     def __init__(self, pretrained=DEFAULT_MODEL, policy: str = "full", check_vocab: int | None = None,
@@ -262,14 +220,14 @@ class AdaInferLM(HFLM):
             identity = model_identity_from_config(pretrained)
             if identity is not None:
                 exit_policy.bind(identity)
-                check_against_model(identity, checks)
+                checks.check_against(identity.vocab_size)
         super().__init__(pretrained=pretrained, **kwargs)
         if self.backend != "causal":
             raise AdaInferError("adainfer needs a decoder-only (causal) model; seq2seq models are not supported")
-        self.engine = EarlyExitEngine(self.model, exit_policy, **checks)
+        self.engine = EarlyExitEngine(self.model, exit_policy, checks=checks)
         self.generator = EarlyExitGenerator(self.engine)
-        self.costs = CostModel.from_stack(self.engine.stack, check_vocab=checks["check_vocab"])
-        self.response_key = _response_key(pretrained, self.model, exit_policy, checks, kwargs)
+        self.costs = CostModel.from_stack(self.engine.stack, check_vocab=checks.vocab)
+        self.response_key = _response_key(pretrained, self.model, exit_policy, checks.model_args(), kwargs)
         self._probe_tokens: int | None = None  # batch_size=auto: the probe's length, when HFLM gives none
         self.model_seconds = 0.0  # wall-clock spent scoring and generating (for speedups)
         self._window_records: list[ExitRecord] | None = None
@@ -313,7 +271,7 @@ class AdaInferLM(HFLM):
     def get_model_info(self) -> dict:
         info = super().get_model_info()
         info["adainfer"] = {"policy": self.exit_policy.describe(), "num_layers": self.engine.num_layers,
-                            "check_vocab": self.engine.check_vocab,
+                            "check_vocab": self.engine.checks.vocab,
                             "check_clusters": None if self.engine.head_clusters is None else
                             {"clusters": self.engine.head_clusters.clusters, "probes": self.engine.head_clusters.probes}}
         return info
@@ -328,50 +286,28 @@ class AdaInferLM(HFLM):
             self.model_seconds += time.perf_counter() - started
 
     def _score(self, requests, disable_tqdm: bool, override_bs: int | None):
-        rows, decisions = [], []
-        for _, context_enc, continuation_enc in requests:
-            if not context_enc or not continuation_enc:
-                raise AdaInferError("a loglikelihood request has an empty context or continuation")
-            # Same left truncation as HFLM: context+continuation minus the last token.
-            tokens = (context_enc + continuation_enc)[-(self.max_length + 1) :][:-1]
-            rows.append(tokens)
-            decisions.append(len(tokens) - len(continuation_enc))
-
-        # Requests with the same tokens up to the decision position (the choices of one
-        # question) form a group and share one exit decision. Within a group, requests whose
-        # input rows are identical (single-token choices: the row is just the context) share one
-        # row, as HFLM's logits cache does: it is computed once and scored per continuation.
-        group_rows: dict[tuple, dict[tuple, list[int]]] = defaultdict(dict)
-        for i, (tokens, decision) in enumerate(zip(rows, decisions)):
-            group_rows[tuple(tokens[: decision + 1])].setdefault(tuple(tokens), []).append(i)
-        # Longest first, like HFLM: the first batch is the largest, so memory trouble shows early.
-        ordered = sorted(
-            (list(unique.values()) for unique in group_rows.values()),
-            key=lambda group: -max(len(rows[sharers[0]]) for sharers in group),
-        )
-
+        # lm-eval hands over ((context, continuation), context_enc, continuation_enc), tokenised
+        # by TemplateLM.loglikelihood; rows, groups and batches come from .request_encoding.
+        encoded = request_encoding.encode([(c, k) for _, c, k in requests], self.max_length)
+        rows = encoded.rows
         batch_size = self._rows_per_batch(override_bs, requests, rows)
         results: list[ScoredContinuation | None] = [None] * len(requests)
         pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="Running loglikelihood requests (adainfer)")
-        for batch_groups in _pack(ordered, batch_size):
-            # one entry per computed row: the requests that share it
-            row_sharers = [sharers for group in batch_groups for sharers in group]
-            local_group = [g for g, group in enumerate(batch_groups) for _ in group]
-            batch = ExitBatch.from_rows(
-                [rows[sharers[0]] for sharers in row_sharers], [decisions[sharers[0]] for sharers in row_sharers],
-                local_group, device=self.device,
-            )
-            with torch.autocast(
+        for engine_batch in encoded.batches(batch_size):
+            shared = engine_batch.rows  # one entry per computed row: the requests that share it
+            batch = ExitBatch.from_rows(engine_batch.tokens, engine_batch.decisions, engine_batch.row_groups,
+                                        device=self.device)
+            with stage("engine_run"), torch.autocast(
                 device_type=self.device.type,
                 dtype=self.mixed_precision_dtype,
                 enabled=self.mixed_precision_dtype is not None,
             ):
                 out = self.engine.run(batch)
-            group_requests = [sum(len(s) for s in group) for group in batch_groups for _ in group]
-            for j, sharers in enumerate(row_sharers):
+            group_requests = engine_batch.group_requests
+            for j, row in enumerate(shared):
                 logprobs = F.log_softmax(out.logits[j], dim=-1, dtype=self.softmax_dtype)
                 greedy = logprobs.argmax(dim=-1)
-                for i in sharers:
+                for i in row.requests:
                     request_str, _, continuation_enc = requests[i]
                     cont = torch.tensor(continuation_enc, dtype=torch.long, device=logprobs.device)
                     is_greedy = bool((greedy == cont).all())
@@ -380,7 +316,7 @@ class AdaInferLM(HFLM):
                         raise AdaInferError(self._nan_message(out.exit_layers[j]))
                     record = self.costs.request(
                         tokens=len(rows[i]), exit_layer=out.exit_layers[j], scored=len(continuation_enc),
-                        checks=out.checks[j] / group_requests[j], share=len(sharers),
+                        checks=out.checks[j] / group_requests[j], share=len(row.requests),
                         pruned=out.pruned_checks[j] / group_requests[j],
                         head_rows=out.check_rows[j] / group_requests[j],
                     )
@@ -549,17 +485,25 @@ def _stop_string_check(tokenizer, stops: list[str]):
     return finished
 
 
-def _pack(groups: list[list], rows_per_batch: int):
-    """Batches of whole groups (lists of rows), about ``rows_per_batch`` rows each (a big group goes alone)."""
-    batch, size = [], 0
-    for group in groups:
-        if batch and size + len(group) > rows_per_batch:
-            yield batch
-            batch, size = [], 0
-        batch.append(group)
-        size += len(group)
-    if batch:
-        yield batch
+def tokenized_requests(lm, instances) -> list[tuple]:
+    """lm-eval's loglikelihood requests ``((context, continuation), context_enc, continuation_enc)``,
+    tokenised by lm-eval's own ``TemplateLM.loglikelihood`` (empty contexts, trailing spaces and
+    all) for ``lm`` (an HFLM), without scoring them: what ``_loglikelihood_tokens`` receives."""
+    return TemplateLM.loglikelihood(_TokenizeOnly(lm), list(instances), disable_tqdm=True)
+
+
+class _TokenizeOnly:
+    """``lm`` whose ``_loglikelihood_tokens`` hands its input back (TemplateLM.loglikelihood's last step)."""
+
+    def __init__(self, lm):
+        self._lm = lm
+
+    def __getattr__(self, name):
+        return getattr(self._lm, name)
+
+    @staticmethod
+    def _loglikelihood_tokens(requests, disable_tqdm: bool = False):
+        return requests
 
 
 # What lm-eval's command line passes for these flags when they are not given.

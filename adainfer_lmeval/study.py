@@ -219,11 +219,11 @@ def map_point(point: dict, source_layers: int, target_layers: int) -> dict:
 def layer_scores(kind: str, params, data, cols: list[int]) -> np.ndarray:
     """Scores [N, L-1] of layers 1..L-1 (higher = stop): SVM value, CRF prefix marginal or gap."""
     from .features import FEATURE_NAMES
-    from .train import FITTERS
+    from .train import classifier_scores
 
     if kind == "threshold":
         return data.feats[:, : data.num_layers - 1, FEATURE_NAMES.index("gap")]
-    return FITTERS[kind][1](params, data, cols)
+    return classifier_scores(params, data, cols)
 
 
 def fit_kind(train, kind: str, cols: list[int], tolerance: float, k_inner: int, seed: int) -> dict:
@@ -232,14 +232,14 @@ def fit_kind(train, kind: str, cols: list[int], tolerance: float, k_inner: int, 
     The operating point comes from held-out scores (cross-fitted for SVM/CRF; the threshold
     rule has nothing to fit, so its gap scores are already out-of-sample).
     """
-    from .train import FITTERS, calibrate, cross_fitted_scores, make_labels
+    from .train import calibrate, cross_fitted_scores, fit_classifier, make_labels
 
     if kind == "threshold":
         params, held_out = None, layer_scores(kind, None, train, cols)
     else:
         y = make_labels(train, "final", "option")
         held_out = cross_fitted_scores(train, y, kind, cols, k_inner, seed + 1)
-        params = FITTERS[kind][0](train, y, cols)
+        params = fit_classifier(kind, train, y, cols)
     points = {c: calibrate(train, held_out, tolerance, criterion=c) for c in CRITERIA}
     return {"params": params, "points": points, "layers": train.num_layers, "n_train": len(train.keys),
             "train_tasks": sorted(set(train.source))}

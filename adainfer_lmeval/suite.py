@@ -242,7 +242,8 @@ def model_short_name(model: str) -> str:
 
 def policy_file(model: str, name: str, args: dict) -> Path | None:
     """The policy file a run reads (``svm`` -> the model's shipped svm.json); None for rule policies."""
-    from .learned_policies import LearnedPolicy, is_policy_path, shipped_path
+    from .learned_policies import LearnedPolicy
+    from .policy_files import shipped_path
     from .policies import registered_policies
 
     if name in (FULL, ORACLE):
@@ -250,7 +251,7 @@ def policy_file(model: str, name: str, args: dict) -> Path | None:
     if args.get("path"):
         return Path(str(args["path"]))
     cls = registered_policies().get(name)
-    if cls is None and is_policy_path(name):
+    if cls is None and ("/" in name or os.sep in name or name.lower().endswith(".json")):
         return Path(name)
     if isinstance(cls, type) and issubclass(cls, LearnedPolicy) and cls.kind:
         return shipped_path(model_short_name(model), cls.kind)
@@ -259,7 +260,7 @@ def policy_file(model: str, name: str, args: dict) -> Path | None:
 
 def policy_file_sha256(path: Path | None) -> str | None:
     """sha256 of a policy file's bytes (and of the crfsuite model a CRF file names)."""
-    from .learned_policies import MAX_FILE_BYTES
+    from .policy_files import MAX_FILE_BYTES
 
     if path is None:
         return None
@@ -376,7 +377,7 @@ def migrate_legacy_runs(suite: Suite, out: Path, log=print) -> tuple[int, int]:
     dtype and model args are the suite's as it stands (older suites had no way to set the latter
     two: loads were float32, model_args were not stored). Returns (migrated, left to run again).
     """
-    from .learned_policies import read_policy_json
+    from .policy_files import read_policy_json
 
     migrated = left = 0
     for run in plan_suite(suite, out):

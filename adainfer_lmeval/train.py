@@ -33,10 +33,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import shlex
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +45,8 @@ import torch
 from .errors import AdaInferError
 from .features import FEATURE_NAMES
 from .pypi import package_versions
-from .learned_policies import CRF_MAGIC, FORMAT, FORMAT_VERSION, CrfScorer, crf_item, sha256_bytes, standardize, svm_scores
+from .learned_policies import LearnedKind, learned_kind
+from .policy_files import FORMAT, FORMAT_VERSION, write_policy_files
 
 DEFAULT_TASKS = (
     "arc_easy_train", "arc_challenge_train", "boolq_train", "commonsense_qa_train",
@@ -119,74 +118,21 @@ def fold_of(keys: list[str], k: int, seed: int = 0) -> np.ndarray:
 # ---- classifiers -----------------------------------------------------------------------------
 
 
-def _scaler(x: np.ndarray) -> dict:
-    mean = x.mean(0)
-    scale = x.std(0)
-    scale[scale < 1e-8] = 1.0
-    return {"mean": mean.tolist(), "scale": scale.tolist()}
+def layer_features(data: Data, cols: list[int]) -> np.ndarray:
+    """The features a classifier reads: layers 1..L-1 (layer L is never a decision), columns ``cols``."""
+    return data.feats[:, : data.num_layers - 1, :][:, :, cols]
 
 
-def _z(scaler: dict, x: np.ndarray) -> np.ndarray:
-    """Standardized features, by the function the shipped policies run at inference."""
-    return standardize({"scaler": scaler}, torch.from_numpy(np.asarray(x, dtype=np.float64))).numpy()
+def fit_classifier(kind: str, data: Data, y: np.ndarray, cols: list[int], **options) -> LearnedKind:
+    """A classifier of ``kind`` (:data:`.learned_policies.LEARNED_KINDS`) fitted on layers 1..L-1."""
+    return learned_kind(kind)().fit(layer_features(data, cols), y, **options)
 
 
-def fit_svm(data: Data, y: np.ndarray, cols: list[int], C: float = 0.1) -> dict:
-    """Linear SVM over single layers (1..L-1); returns the JSON-able parameters."""
-    from sklearn.svm import LinearSVC
-
-    L = data.num_layers
-    x = data.feats[:, : L - 1, :][:, :, cols].reshape(-1, len(cols))
-    t = y.reshape(-1)
-    scaler = _scaler(x)
-    if t.all() or not t.any():  # one class only: a constant score
-        return {"scaler": scaler, "coef": [0.0] * len(cols), "intercept": 1.0 if t.all() else -1.0}
-    clf = LinearSVC(C=C, class_weight="balanced", max_iter=20000)
-    clf.fit(_z(scaler, x), t)
-    return {"scaler": scaler, "coef": clf.coef_[0].tolist(), "intercept": float(clf.intercept_[0])}
-
-
-def svm_layer_scores(params: dict, data: Data, cols: list[int]) -> np.ndarray:
-    """Decision values [N, L-1], by the same function the shipped ``svm`` policy runs."""
-    L = data.num_layers
-    return svm_scores(params, torch.from_numpy(np.asarray(data.feats[:, : L - 1, :][:, :, cols], dtype=np.float64))).numpy()
-
-
-def fit_crf(data: Data, y: np.ndarray, cols: list[int], c2: float = 0.1, max_iterations: int = 200) -> dict:
-    """Linear-chain CRF over layers 1..L-1 (labels stop/go); returns params + model bytes."""
-    import sklearn_crfsuite
-
-    L = data.num_layers
-    x = data.feats[:, : L - 1, :][:, :, cols]
-    scaler = _scaler(x.reshape(-1, len(cols)))
-    z = _z(scaler, x)
-    xs = [[crf_item(v) for v in seq] for seq in z]
-    ys = [["stop" if s else "go" for s in seq] for seq in y]
-    if y.all() or not y.any():  # crfsuite needs both labels: add one flipped dummy sequence
-        xs.append(xs[0])
-        ys.append(["go" if s == "stop" else "stop" for s in ys[0]])
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "crf.crfsuite"
-        crf = sklearn_crfsuite.CRF(
-            algorithm="lbfgs", c1=0.0, c2=c2, max_iterations=max_iterations,
-            all_possible_transitions=True, model_filename=str(path),
-        )
-        crf.fit(xs, ys)
-        model_bytes = path.read_bytes()
-    if not model_bytes.startswith(CRF_MAGIC):
-        raise AdaInferError("crfsuite wrote an unexpected model file")
-    return {"scaler": scaler, "model_bytes": model_bytes}
-
-
-def crf_layer_scores(params: dict, data: Data, cols: list[int]) -> np.ndarray:
-    """P(stop at l | layers 1..l) for every l: prefix marginals, never reading later layers."""
-    L = data.num_layers
-    scorer = CrfScorer({}, params["model_bytes"])
-    z = _z(params["scaler"], data.feats[:, : L - 1, :][:, :, cols])
-    return np.array([scorer.all_prefix_probs(seq.tolist()) for seq in z]).reshape(len(z), L - 1)
-
-
-FITTERS = {"svm": (fit_svm, svm_layer_scores), "crf": (fit_crf, crf_layer_scores)}
+def classifier_scores(estimator: LearnedKind, data: Data, cols: list[int]) -> np.ndarray:
+    """Scores [N, L-1] by the function the policy runs: SVM decision value, CRF prefix marginal
+    P(stop at l | layers 1..l) (never reading later layers)."""
+    x = torch.from_numpy(np.ascontiguousarray(layer_features(data, cols), dtype=np.float64))
+    return estimator.decision_function(x).numpy()
 
 
 # ---- exits, accuracy and the operating point ---------------------------------------------------
@@ -216,7 +162,6 @@ def evaluate(data: Data, exits: np.ndarray) -> dict:
 
 
 DEFAULT_CHECK_COST = 0.05  # one consultation, in decoder layers (the target of reports/benchmark/)
-CRF_SEQ_START = 1  # the first layer of a CRF's chain (trained on layers 1..L-1)
 
 
 def calibrate(data: Data, scores: np.ndarray, tolerance: float = 0.01, n_thresholds: int = 80,
@@ -265,34 +210,29 @@ def calibrate(data: Data, scores: np.ndarray, tolerance: float = 0.01, n_thresho
 
 
 def cross_fitted_scores(data: Data, y: np.ndarray, kind: str, cols: list[int], k: int, seed: int, **kw) -> np.ndarray:
-    fit, score = FITTERS[kind]
     folds = fold_of(data.keys, k, seed)
     out = np.zeros((len(data.keys), data.num_layers - 1))
     for f in range(k):
         test, train = np.where(folds == f)[0], np.where(folds != f)[0]
         if len(test) == 0 or len(train) == 0:
             continue
-        params = fit(data.subset(train), y[train], cols, **kw)
-        out[test] = score(params, data.subset(test), cols)
+        out[test] = classifier_scores(fit_classifier(kind, data.subset(train), y[train], cols, **kw), data.subset(test), cols)
     return out
 
 
 def fit_policy(data: Data, y: np.ndarray, kind: str, cols: list[int], tolerance: float, k_inner: int, seed: int,
                criterion: str = "accuracy", check_cost: float = 0.0, **kw):
     """Fit on all of ``data``; operating point from cross-fitted (held-out) scores."""
-    fit, _ = FITTERS[kind]
     held_out = cross_fitted_scores(data, y, kind, cols, k_inner, seed + 1, **kw)
-    chain_start = CRF_SEQ_START if kind == "crf" else None
-    point = calibrate(data, held_out, tolerance, criterion=criterion, check_cost=check_cost, chain_start=chain_start)
+    point = calibrate(data, held_out, tolerance, criterion=criterion, check_cost=check_cost,
+                      chain_start=learned_kind(kind).seq_start)
     point["criterion"] = criterion
-    params = fit(data, y, cols, **kw)
-    return params, point
+    return fit_classifier(kind, data, y, cols, **kw), point
 
 
 def cross_validate(data: Data, y: np.ndarray, kind: str, cols: list[int], tolerance: float, k_outer: int, k_inner: int,
                    seed: int, criterion: str = "accuracy", check_cost: float = 0.0, **kw) -> dict:
     """Held-out figures: each document's exit from a policy fitted (and calibrated) without it."""
-    _, score = FITTERS[kind]
     folds = fold_of(data.keys, k_outer, seed)
     exits = np.full(len(data.keys), data.num_layers)
     for f in range(k_outer):
@@ -301,7 +241,7 @@ def cross_validate(data: Data, y: np.ndarray, kind: str, cols: list[int], tolera
             continue
         params, point = fit_policy(data.subset(train), y[train], kind, cols, tolerance, k_inner, seed, criterion,
                                    check_cost, **kw)
-        exits[test] = exit_layers(score(params, data.subset(test), cols), point["threshold"], point["min_layer"])
+        exits[test] = exit_layers(classifier_scores(params, data.subset(test), cols), point["threshold"], point["min_layer"])
     result = evaluate(data, exits)
     result["exits"] = exits
     return result
@@ -321,19 +261,22 @@ def best_static_layer(data: Data, tolerance: float) -> dict:
 # ---- writing policy files --------------------------------------------------------------------
 
 
-def policy_meta(kind: str, data: Data, params: dict, point: dict, features: list[str], label: dict,
+def policy_meta(kind: str, data: Data, params: LearnedKind, point: dict, features: list[str], label: dict,
                 validation: dict, training: dict) -> dict:
+    """The policy file's JSON for the fitted classifier ``params`` (of ``kind``) at ``point``."""
+    if params.kind != kind:
+        raise AdaInferError(f"a {params.kind} classifier cannot be written as a {kind} policy")
     model = data.meta["model"]
+    payload = params.to_dict()
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind,
         "model": {k: model[k] for k in ("name", "model_type", "num_layers", "hidden_size", "vocab_size")},
         "features": features,
-        "scaler": params["scaler"],
+        "scaler": payload.pop("scaler"),
         "threshold": point["threshold"],
         "min_layer": point["min_layer"],
         "operating_point": {
-            "rule": "stop at the first layer l >= min_layer with score >= threshold"
-                    + (" (score: SVM decision value)" if kind == "svm" else " (score: CRF marginal P(stop at l | layers seq_start..l))"),
+            "rule": f"stop at the first layer l >= min_layer with score >= threshold (score: {params.score_meaning})",
             "chosen_on": "cross-fitted held-out scores of the training documents",
             "tolerance": training["tolerance"], "criterion": point.get("criterion", "accuracy"),
             "calibration_acc": point["acc"], "calibration_full_acc": point["full_acc"],
@@ -345,27 +288,13 @@ def policy_meta(kind: str, data: Data, params: dict, point: dict, features: list
         "validation": {k: v for k, v in validation.items() if k != "exits"},
         "packages": package_versions(),
     }
-    if kind == "svm":
-        meta["coef"] = params["coef"]
-        meta["intercept"] = params["intercept"]
-    else:
-        meta["seq_start"] = CRF_SEQ_START
-        meta["crfsuite_file"] = "crf.crfsuite"
-        meta["crfsuite_sha256"] = sha256_bytes(params["model_bytes"])
+    meta.update(payload)
     return meta
 
 
-def write_policy(out_dir: Path, kind: str, meta: dict, params: dict) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    if kind == "crf":
-        crf_path = out_dir / meta["crfsuite_file"]
-        crf_path.write_bytes(params["model_bytes"])
-        written.append(crf_path)
-    path = out_dir / f"{kind}.json"
-    path.write_text(json.dumps(meta, indent=1) + "\n")
-    written.insert(0, path)
-    return written
+def write_policy(out_dir: Path, kind: str, meta: dict, params: LearnedKind) -> list[Path]:
+    """``<kind>.json`` and the classifier's files in ``out_dir`` (the JSON first)."""
+    return write_policy_files(out_dir, kind, meta, params.files())
 
 
 # ---- the command -----------------------------------------------------------------------------

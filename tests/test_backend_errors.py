@@ -323,7 +323,7 @@ def test_model_arg_parsing():
         "pretrained": "x", "gap": 0.5, "min_layer": 2, "flag": True}
     check_model_args("policy=threshold,gap=0.5,min_layer=2.0,pretrained=smollm2-135m")  # 2.0 is a whole number
     _, checks, _ = split_model_args("full", {"check_vocab": 8, "check_clusters": 4, "check_probes": 1})
-    assert checks["check_probes"] == 1  # one probed cluster is a valid choice
+    assert checks.probes == 1  # one probed cluster is a valid choice
 
 
 def test_bad_probe_count_is_reported_as_such_not_as_a_bad_cache(tiny_models, monkeypatch, tmp_path, capsys):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from adainfer_lmeval.architectures import DecoderStack
+from adainfer_lmeval.checks import ExitCheckConfig
 from adainfer_lmeval.engine import EarlyExitEngine, ExitBatch
 from adainfer_lmeval.errors import AdaInferError
 from adainfer_lmeval.policies import ExitPolicy, build_policy
@@ -174,7 +175,7 @@ def test_pruned_vocabulary_checks(tiny_models, arch):
     rows = _rows(8, 6, model.config.vocab_size)
     decisions = [len(r) - 2 for r in rows]
     recorder = Recorder()
-    out = EarlyExitEngine(model, recorder, check_vocab=8).run(ExitBatch.from_rows(rows, decisions))
+    out = EarlyExitEngine(model, recorder, checks=ExitCheckConfig(vocab=8)).run(ExitBatch.from_rows(rows, decisions))
     assert out.checks == [3] * len(rows) and out.pruned_checks == [2] * len(rows)
     # Layer 1's features are the full-vocabulary ones; later p1s come from a softmax over 8 tokens.
     full = Recorder()
@@ -183,7 +184,7 @@ def test_pruned_vocabulary_checks(tiny_models, arch):
     assert bool((recorder.seen[2][:, 0] >= full.seen[2][:, 0] - 1e-6).all()), "p1 over K tokens >= p1 over all"
     # A row that exits at a pruned check still gets its layer's full-vocabulary lens.
     tau = _mixed_threshold(model, rows, decisions)
-    pruned = EarlyExitEngine(model, build_policy("threshold", {"gap": tau, "min_layer": 1}), check_vocab=8)
+    pruned = EarlyExitEngine(model, build_policy("threshold", {"gap": tau, "min_layer": 1}), checks=ExitCheckConfig(vocab=8))
     exits = pruned.run(ExitBatch.from_rows(rows, decisions))
     for row, decision, layer, logits in zip(rows, decisions, exits.exit_layers, exits.logits):
         static = EarlyExitEngine(model, build_policy("static", {"layer": layer})) if layer < 4 else \

@@ -9,6 +9,7 @@ import torch
 import transformers as tf
 
 from adainfer_lmeval.architectures import DecoderStack
+from adainfer_lmeval.checks import ExitCheckConfig
 from adainfer_lmeval.engine import EarlyExitEngine
 from adainfer_lmeval.generation import EarlyExitGenerator
 from adainfer_lmeval.policies import ExitPolicy, build_policy
@@ -189,7 +190,7 @@ def test_pruned_vocabulary_checks_while_generating(tiny_models):
     ids, mask = _left_padded(model.config.vocab_size, seed=6)
     tau = _threshold_between(model, ids, mask)
     policy = build_policy("threshold", {"gap": tau, "min_layer": 1})
-    out = EarlyExitGenerator(EarlyExitEngine(model, policy, check_vocab=8)).generate(ids, mask, 8, pad_token_id=0)
+    out = EarlyExitGenerator(EarlyExitEngine(model, policy, checks=ExitCheckConfig(vocab=8))).generate(ids, mask, 8, pad_token_id=0)
     for layers, checks, pruned in zip(out.exit_layers, out.checks, out.pruned_checks):
         for layer, check, pruned_check in zip(layers, checks, pruned):
             assert check == min(layer, 3) and pruned_check == check - 1  # only a token's first check is full
@@ -211,3 +212,17 @@ def test_cost_ratios_command(tiny_model_dirs, tiny_models, capsys):
     out = capsys.readouterr().out
     assert f"head {stack.head_matmul_params():,} ({stack.head_matmul_params() / stack.layer_matmul_params():.1f}x a layer)" in out
     assert f"K/V fill of a skipped layer {stack.kv_matmul_params():,}" in out
+
+
+def test_generator_reads_policy_and_checks_from_its_engine(tiny_models):
+    """A policy swapped on the engine (as gpu_check does) is the one the generator consults."""
+    model = tiny_models["llama"]
+    ids, mask = _left_padded(model.config.vocab_size, seed=7)
+    engine = EarlyExitEngine(model, build_policy("full", {}), checks=ExitCheckConfig(vocab=8))
+    generator = EarlyExitGenerator(engine)
+    swapped = build_policy("static", {"layer": 2})
+    swapped.bind(engine.stack.identity())
+    engine.policy = swapped
+    out = generator.generate(ids, mask, 3, pad_token_id=0)
+    assert out.exit_layers == [[2, 2, 2]] * ids.shape[0]
+    assert out.checks == [[0, 0, 0]] * ids.shape[0]  # a static policy reads no features

@@ -7,6 +7,7 @@ import torch
 
 from adainfer_lmeval.accounting import CostModel
 from adainfer_lmeval.architectures import DecoderStack
+from adainfer_lmeval.checks import ExitCheckConfig
 from adainfer_lmeval.engine import EarlyExitEngine, ExitBatch
 from adainfer_lmeval.errors import AdaInferError
 from adainfer_lmeval.generation import EarlyExitGenerator
@@ -81,8 +82,8 @@ def test_engine_with_head_clusters(tiny_models, arch):
     decisions = [len(r) - 2 for r in rows]
     batch = ExitBatch.from_rows(rows, decisions)
     plain, clustered = Recorder(), Recorder()
-    EarlyExitEngine(model, plain, check_vocab=8).run(batch)
-    engine = EarlyExitEngine(model, clustered, check_vocab=8, check_clusters=16)
+    EarlyExitEngine(model, plain, checks=ExitCheckConfig(vocab=8)).run(batch)
+    engine = EarlyExitEngine(model, clustered, checks=ExitCheckConfig(vocab=8, clusters=16))
     engine.head_clusters = engine.head_clusters.with_probes(16)
     out = engine.run(batch)
     vocab = engine.stack.vocab_size
@@ -96,7 +97,7 @@ def test_engine_with_head_clusters(tiny_models, arch):
     # With the default probes the engine runs, exits, and the answer at an exit is the layer's
     # full-vocabulary lens (the same check as for check_vocab alone).
     policy = build_policy("threshold", {"gap": 0.0, "min_layer": 2})
-    exits = EarlyExitEngine(model, policy, check_vocab=8, check_clusters=16).run(batch)
+    exits = EarlyExitEngine(model, policy, checks=ExitCheckConfig(vocab=8, clusters=16)).run(batch)
     static = EarlyExitEngine(model, build_policy("static", {"layer": 2})).run(batch)
     assert exits.exit_layers == [2] * len(rows)
     for got, want in zip(exits.logits, static.logits):
@@ -108,7 +109,7 @@ def test_generation_with_head_clusters(tiny_models):
     ids = torch.tensor([[5, 6, 7, 8], [0, 9, 10, 11]])
     mask = (ids != 0).long()
     policy = build_policy("threshold", {"gap": 0.0, "min_layer": 2})
-    out = EarlyExitGenerator(EarlyExitEngine(model, policy, check_vocab=8, check_clusters=16)).generate(ids, mask, 4, pad_token_id=0)
+    out = EarlyExitGenerator(EarlyExitEngine(model, policy, checks=ExitCheckConfig(vocab=8, clusters=16))).generate(ids, mask, 4, pad_token_id=0)
     static = EarlyExitGenerator(EarlyExitEngine(model, build_policy("static", {"layer": 2}))).generate(ids, mask, 4, pad_token_id=0)
     assert torch.equal(out.sequences, static.sequences)
     assert all(layers == [2] * 4 for layers in out.exit_layers)
@@ -140,7 +141,7 @@ def test_model_args():
         split_model_args("threshold", {"gap": 0.5, "check_vocab": 64, "check_probes": 8})
     _, checks, rest = split_model_args("threshold", {"gap": 0.5, "check_vocab": "64", "check_clusters": 256,
                                                      "check_probes": 8, "batch_size": 2})
-    assert checks == {"check_vocab": 64, "check_clusters": 256, "check_probes": 8} and rest == {"batch_size": 2}
+    assert checks == ExitCheckConfig(vocab=64, clusters=256, probes=8) and rest == {"batch_size": 2}
 
 
 def test_backend_passes_the_check_args(tiny_model_dirs):
@@ -149,5 +150,16 @@ def test_backend_passes_the_check_args(tiny_model_dirs):
     lm = AdaInferLM(pretrained=str(tiny_model_dirs["llama"]), policy="threshold", gap=0.5, min_layer=2,
                     check_vocab=8, check_clusters=16, check_probes=3, batch_size=1, device="cpu")
     clusters = lm.engine.head_clusters
-    assert (lm.engine.check_vocab, clusters.clusters, clusters.probes) == (8, 16, 3)
+    assert (lm.engine.checks.vocab, clusters.clusters, clusters.probes) == (8, 16, 3)
     assert lm.get_model_info()["adainfer"]["check_clusters"] == {"clusters": 16, "probes": 3}
+
+
+def test_exit_check_config_parses_once_and_round_trips():
+    config = ExitCheckConfig.from_model_args({"check_vocab": "64", "check_clusters": 0, "gap": 0.5})
+    assert config == ExitCheckConfig(vocab=64) and config.model_args() == {
+        "check_vocab": 64, "check_clusters": None, "check_probes": None}
+    assert ExitCheckConfig.from_model_args(config.model_args()) == config
+    with pytest.raises(AdaInferError, match="check_probes needs check_clusters"):
+        ExitCheckConfig(vocab=8, probes=2)  # built directly, it is checked the same way
+    with pytest.raises(AdaInferError, match="check_vocab=50 must be below the model's vocabulary"):
+        ExitCheckConfig(vocab=50).check_against(50)

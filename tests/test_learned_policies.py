@@ -11,6 +11,7 @@ import torch
 
 import adainfer_lmeval  # noqa: F401
 from adainfer_lmeval import learned_policies as lp  # registers svm / crf / file
+from adainfer_lmeval import policy_cli, policy_files
 from adainfer_lmeval import train as tr
 from adainfer_lmeval.errors import AdaInferError
 from adainfer_lmeval.features import FEATURE_NAMES
@@ -86,8 +87,8 @@ def test_files_are_small_json_and_load(trained):
 
 def test_policy_path_and_file_resolve(trained):
     _, paths, _ = trained
-    assert isinstance(build_policy(str(paths["crf"]), {}), lp.CrfPolicy)  # policy=<path>.json
-    assert isinstance(build_policy("file", {"path": str(paths["svm"])}), lp.SvmPolicy)
+    assert isinstance(build_policy(str(paths["crf"]), {}), lp.CrfKind.policy)  # policy=<path>.json
+    assert isinstance(build_policy("file", {"path": str(paths["svm"])}), lp.SvmKind.policy)
 
 
 def test_svm_resolves_shipped_file_by_model_name(trained, monkeypatch):
@@ -150,7 +151,6 @@ def test_decision_at_l_reads_only_layers_up_to_l(trained, kind):
     _, paths, data = trained
     policy = build_policy(kind, {"path": str(paths[kind]), "min_layer": 1})
     policy.bind(IDENTITY)
-    fit, score = tr.FITTERS[kind]
     hist = torch.full((len(data.keys), L + 1, len(FEATURE_NAMES)), float("nan"))
     hist[:, 1:] = torch.tensor(data.feats, dtype=torch.float32)
     exits = torch.full((len(data.keys),), L)
@@ -162,13 +162,8 @@ def test_decision_at_l_reads_only_layers_up_to_l(trained, kind):
         assert torch.equal(stop, policy.decide(layer, L, scrambled[:, : layer + 1]))
         new = stop & (exits == L)
         exits[new] = layer
-    meta = json.loads(paths[kind].read_text())
-    params = {"scaler": meta["scaler"]}
-    if kind == "svm":
-        params.update(coef=meta["coef"], intercept=meta["intercept"])
-    else:
-        params["model_bytes"] = (paths[kind].parent / "crf.crfsuite").read_bytes()
-    simulated = tr.exit_layers(score(params, data, COLS), policy.threshold, 1)
+    learned, meta = lp.read_policy(paths[kind])
+    simulated = tr.exit_layers(tr.classifier_scores(learned.from_dict(meta, paths[kind]), data, COLS), policy.threshold, 1)
     assert exits.tolist() == simulated.tolist()
 
 
@@ -257,7 +252,7 @@ def test_policy_list_command(trained, monkeypatch, capsys):
     monkeypatch.setenv("ADAINFER_POLICIES", str(root))
     (root / "broken").mkdir(exist_ok=True)
     (root / "broken" / "svm.json").write_text("{")
-    assert lp.main(["list"]) == 0
+    assert policy_cli.main(["list"]) == 0
     out = capsys.readouterr().out
     assert "toy" in out and "svm" in out and "crf" in out and "BROKEN" in out
 
@@ -268,7 +263,7 @@ def test_shipped_svm_runs_on_smollm2_arc():
     from adainfer_lmeval.collect import load_tasks
     from adainfer_lmeval.lm_backend import AdaInferLM
 
-    assert lp.shipped_path("smollm2-135m", "svm").exists(), "the smollm2-135m SVM policy is not shipped"
+    assert policy_files.shipped_path("smollm2-135m", "svm").exists(), "the smollm2-135m SVM policy is not shipped"
     lm = AdaInferLM(pretrained="smollm2-135m", policy="svm", device="cpu", batch_size=8)
     assert lm.exit_policy.source.endswith("smollm2-135m/svm.json")
     assert lm.get_model_info()["adainfer"]["policy"]["kind"] == "svm"

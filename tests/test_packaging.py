@@ -104,7 +104,8 @@ import dataclasses, json, sys
 hooked = "adainfer_lmeval.lm_eval_hook" in sys.modules  # run by the .pth at start-up
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "lm_eval", "transformers", "numpy"))
 import adainfer_lmeval
-from adainfer_lmeval.learned_policies import read_policy_json, shipped_path
+from adainfer_lmeval.policy_files import read_policy_json, shipped_path
+from adainfer_lmeval import learned_policies  # registers policy=svm
 from adainfer_lmeval.offline_data import tasks_dir
 from adainfer_lmeval.policies import ModelIdentity, build_policy
 from lm_eval.tasks import TaskManager

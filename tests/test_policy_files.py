@@ -17,18 +17,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from adainfer_lmeval import learned_policies as lp
+from adainfer_lmeval import policy_cli, policy_files
 from adainfer_lmeval.errors import AdaInferError
 from adainfer_lmeval.policies import build_policy
 
-SHIPPED = Path(lp.__file__).resolve().parent.parent / "policies" / "smollm2-135m"
+SHIPPED = Path(policy_files.__file__).resolve().parent.parent / "policies" / "smollm2-135m"
 HEADER_FIELDS = ["size", "type", "version", "num_features", "num_labels", "num_attrs", "off_features", "off_labels",
                  "off_attrs", "off_labelrefs", "off_attrrefs"]
 
 
 def _shipped() -> Path:
-    folder = lp.shipped_path("smollm2-135m", "crf").parent
+    folder = policy_files.shipped_path("smollm2-135m", "crf").parent
     return folder if (folder / "crf.crfsuite").is_file() else SHIPPED
 
 
@@ -77,10 +79,11 @@ def one_line_refusal(fn, match: str) -> str:
 
 
 def test_the_shipped_crf_loads_and_its_child_check_runs_once(crf_dir, monkeypatch):
-    policy = lp.CrfPolicy(path=str(crf_dir / "crf.json"))
-    assert 0.0 <= policy.scorer.prefix_stop_prob([[0.0] * len(policy.features)] * 3) <= 1.0
+    policy = lp.CrfKind.policy(path=str(crf_dir / "crf.json"))
+    p = policy.estimator.decision_function(torch.zeros(1, 3, len(policy.features)))
+    assert ((0.0 <= p) & (p <= 1.0)).all()
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("a model checked once is not checked again"))
-    lp.CrfPolicy(path=str(crf_dir / "crf.json"))
+    lp.CrfKind.policy(path=str(crf_dir / "crf.json"))
 
 
 def test_a_segfaulting_crfsuite_file_is_refused_and_the_process_survives(crf_dir):
@@ -88,7 +91,7 @@ def test_a_segfaulting_crfsuite_file_is_refused_and_the_process_survives(crf_dir
     data = (crf_dir / "crf.crfsuite").read_bytes()
     path = write_model(crf_dir, data[: len(data) // 2])
     code = ("import sys; from adainfer_lmeval import learned_policies as lp; from adainfer_lmeval.errors import AdaInferError\n"
-            "try:\n    lp.CrfPolicy(path=sys.argv[1])\nexcept AdaInferError as e:\n    print(e); sys.exit(3)\n")
+            "try:\n    lp.CrfKind.policy(path=sys.argv[1])\nexcept AdaInferError as e:\n    print(e); sys.exit(3)\n")
     done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 3, (done.returncode, done.stderr[-500:])
@@ -115,7 +118,7 @@ LABELS_TABLE = 0x118  # offset of the shipped file's label string table (checked
 def test_a_tampered_header_is_refused(crf_dir, field, value, match):
     data = (crf_dir / "crf.crfsuite").read_bytes()
     path = write_model(crf_dir, header_field(data, field, value))
-    one_line_refusal(lambda: lp.CrfPolicy(path=str(path)), match)
+    one_line_refusal(lambda: lp.CrfKind.policy(path=str(path)), match)
 
 
 @pytest.mark.parametrize("where, value, match", [
@@ -128,15 +131,15 @@ def test_a_tampered_string_table_is_refused(crf_dir, where, value, match):
     assert struct.unpack_from("<I", data, 4 + 4 * HEADER_FIELDS.index("off_labels"))[0] == LABELS_TABLE
     assert data[LABELS_TABLE : LABELS_TABLE + 4] == b"CQDB"
     path = write_model(crf_dir, with_u32(data, LABELS_TABLE + where, value))
-    one_line_refusal(lambda: lp.CrfPolicy(path=str(path)), "corrupt crfsuite model")
-    one_line_refusal(lambda: lp.CrfPolicy(path=str(path)), match)
+    one_line_refusal(lambda: lp.CrfKind.policy(path=str(path)), "corrupt crfsuite model")
+    one_line_refusal(lambda: lp.CrfKind.policy(path=str(path)), match)
 
 
 def test_what_the_structure_check_misses_the_child_process_catches(crf_dir, monkeypatch):
-    monkeypatch.setattr(lp, "check_crfsuite_structure", lambda data, source: None)
+    monkeypatch.setattr(policy_files, "check_crfsuite_structure", lambda data, source: None)
     data = (crf_dir / "crf.crfsuite").read_bytes()
     path = write_model(crf_dir, header_field(data, "off_attrrefs", 0x7FFFFF00))
-    one_line_refusal(lambda: lp.CrfPolicy(path=str(path)), "crfsuite crashed reading it: signal 11")
+    one_line_refusal(lambda: lp.CrfKind.policy(path=str(path)), "crfsuite crashed reading it: signal 11")
 
 
 def test_a_feature_with_a_non_finite_weight_is_refused(crf_dir):
@@ -144,7 +147,7 @@ def test_a_feature_with_a_non_finite_weight_is_refused(crf_dir):
     off = struct.unpack_from("<I", data, 4 + 4 * HEADER_FIELDS.index("off_features"))[0]
     struct.pack_into("<d", data, off + 12 + 12, float("nan"))  # feature 0's weight
     path = write_model(crf_dir, bytes(data))
-    one_line_refusal(lambda: lp.CrfPolicy(path=str(path)), "feature 0")
+    one_line_refusal(lambda: lp.CrfKind.policy(path=str(path)), "feature 0")
 
 
 # ---- paths that are not files ----------------------------------------------------------------
@@ -152,20 +155,20 @@ def test_a_feature_with_a_non_finite_weight_is_refused(crf_dir):
 
 def test_a_directory_is_refused(crf_dir, tmp_path):
     (tmp_path / "dir.json").mkdir()
-    one_line_refusal(lambda: lp.read_policy_json(tmp_path / "dir.json"), "is a directory")
+    one_line_refusal(lambda: policy_files.read_policy_json(tmp_path / "dir.json"), "is a directory")
     (crf_dir / "crf.crfsuite").unlink()
     (crf_dir / "crf.crfsuite").mkdir()
-    one_line_refusal(lambda: lp.CrfPolicy(path=str(crf_dir / "crf.json")), "is a directory")
+    one_line_refusal(lambda: lp.CrfKind.policy(path=str(crf_dir / "crf.json")), "is a directory")
 
 
 def test_a_symlink_loop_is_refused(crf_dir, tmp_path):
     os.symlink(tmp_path / "b.json", tmp_path / "a.json")
     os.symlink(tmp_path / "a.json", tmp_path / "b.json")
-    one_line_refusal(lambda: lp.read_policy_json(tmp_path / "a.json"), "cannot be read")
+    one_line_refusal(lambda: policy_files.read_policy_json(tmp_path / "a.json"), "cannot be read")
     one_line_refusal(lambda: build_policy("file", {"path": str(tmp_path / "a.json")}), "cannot be read")
     (crf_dir / "crf.crfsuite").unlink()
     os.symlink(crf_dir / "crf.crfsuite", crf_dir / "crf.crfsuite")
-    one_line_refusal(lambda: lp.CrfPolicy(path=str(crf_dir / "crf.json")), "cannot be read")
+    one_line_refusal(lambda: lp.CrfKind.policy(path=str(crf_dir / "crf.json")), "cannot be read")
 
 
 # ---- numbers ---------------------------------------------------------------------------------
@@ -174,7 +177,7 @@ def test_a_symlink_loop_is_refused(crf_dir, tmp_path):
 @pytest.mark.parametrize("value", ["abc", 1.5, 0, True, None])
 def test_a_bad_seq_start_is_refused(crf_dir, value):
     path = edit_json(crf_dir / "crf.json", seq_start=value)
-    one_line_refusal(lambda: lp.CrfPolicy(path=str(path)), "'seq_start' must be an integer >= 1")
+    one_line_refusal(lambda: lp.CrfKind.policy(path=str(path)), "'seq_start' must be an integer >= 1")
 
 
 @pytest.mark.parametrize("raw", ["NaN", "Infinity", "1e999", "1" + "0" * 400, "1e300", '"0.5"'])
@@ -183,14 +186,14 @@ def test_non_finite_or_overflowing_coefficients_are_refused(crf_dir, raw):
     meta = json.loads(path.read_text())
     meta["coef"][0] = "__X__"
     path.write_text(json.dumps(meta).replace('"__X__"', raw))
-    one_line_refusal(lambda: lp.SvmPolicy(path=str(path)), "'coef' must be")
+    one_line_refusal(lambda: lp.SvmKind.policy(path=str(path)), "'coef' must be")
 
 
 @pytest.mark.parametrize("raw", ["NaN", "-Infinity", "1" + "0" * 400])
 def test_a_non_finite_threshold_in_the_file_is_refused(crf_dir, raw):
     path = crf_dir / "svm.json"
     path.write_text(path.read_text().replace('"threshold": ', f'"threshold": {raw}, "old_threshold": ', 1))
-    one_line_refusal(lambda: lp.SvmPolicy(path=str(path)), "'threshold' must be a finite number")
+    one_line_refusal(lambda: lp.SvmKind.policy(path=str(path)), "'threshold' must be a finite number")
 
 
 @pytest.mark.parametrize("kind", ["svm", "crf"])
@@ -207,7 +210,7 @@ def test_a_bad_model_shape_is_refused(crf_dir, key, value):
     meta = json.loads(path.read_text())
     meta["model"][key] = value
     path.write_text(json.dumps(meta))
-    one_line_refusal(lambda: lp.read_policy_json(path), f"'{key}' must be an integer >= 1")
+    one_line_refusal(lambda: policy_files.read_policy_json(path), f"'{key}' must be an integer >= 1")
 
 
 # ---- `adainfer-eval policy list` -------------------------------------------------------------
@@ -215,7 +218,7 @@ def test_a_bad_model_shape_is_refused(crf_dir, key, value):
 
 def test_policy_list_survives_bad_entries_and_names_them(crf_dir, tmp_path, monkeypatch, capsys):
     root = crf_dir.parent
-    monkeypatch.setattr(lp, "policies_dir", lambda: root)
+    monkeypatch.setattr(policy_files, "policies_dir", lambda: root)
     bad = root / "bad-model"
     bad.mkdir()
     (bad / "dir.json").mkdir()
@@ -226,7 +229,7 @@ def test_policy_list_survives_bad_entries_and_names_them(crf_dir, tmp_path, monk
     data = (bad / "crf.crfsuite").read_bytes()
     write_model(bad, header_field(data, "off_attrrefs", 0x7FFFFF00))
     edit_json(shutil.copy(crf_dir / "svm.json", bad / "svm.json"), validation={"full_acc": "high"})
-    assert lp.main(["list"]) == 0
+    assert policy_cli.main(["list"]) == 0
     out = capsys.readouterr().out
     broken = [line for line in out.splitlines() if line.startswith("BROKEN")]
     for name in ("dir.json", "loop.json", "loop2.json", "bad-model/crf.json", "bad-model/svm.json"):

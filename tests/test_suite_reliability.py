@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from adainfer_lmeval import learned_policies as lp
+from adainfer_lmeval import policy_files
 from adainfer_lmeval import suite as st
 from adainfer_lmeval.errors import AdaInferError
 
@@ -77,7 +77,7 @@ def test_editing_a_policy_file_runs_it_again(fake_runs, tmp_path):
 
 
 def test_a_shipped_policy_is_keyed_by_its_content(tmp_path, monkeypatch):
-    monkeypatch.setattr(lp, "policies_dir", lambda: tmp_path)
+    monkeypatch.setattr(policy_files, "policies_dir", lambda: tmp_path)
     (tmp_path / "tiny").mkdir()
     (tmp_path / "tiny" / "svm.json").write_text("one")
     (tmp_path / "tiny" / "crf.json").write_text('{"crfsuite_file": "crf.crfsuite"}')
