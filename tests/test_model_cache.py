@@ -30,13 +30,13 @@ def fetched(tmp_path, monkeypatch):
 def hashes(monkeypatch):
     """The files hashed (sha256) since the fixture was taken."""
     seen = []
-    real = mz._sha256_file
+    real = mz.sha256_file
 
     def counting(path):
         seen.append(path.name)
         return real(path)
 
-    monkeypatch.setattr(mz, "_sha256_file", counting)
+    monkeypatch.setattr(mz, "sha256_file", counting)
     return seen
 
 
