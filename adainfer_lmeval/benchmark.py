@@ -11,7 +11,7 @@ Per (model, batch size, variant) it reports: mean layers, the *ideal* speedup (f
 FLOPs over the FLOPs actually executed, exit-head checks included, from the ``ExitRecord``
 each response carries), the *measured* speedup against ``policy=full``, their ratio, and the
 time relative to ``hf``. Per model it also measures, with torch timers, one exit decision
-(final norm + head + softmax + top-2 at one position) against one decoder layer over a
+(final norm + head + p1/gap features at one position) against one decoder layer over a
 synthetic 128-token sequence (batch 1), and an instrumented pass attributes the engine's time
 to layers, exit checks, the emitted heads and the rest.
 
@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from . import request_encoding
+from .features import compute_features
 
 DEFAULT_MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b")
 DEFAULT_MMLU_TASKS = ("mmlu_marketing", "mmlu_high_school_psychology", "mmlu_miscellaneous", "mmlu_high_school_biology")
@@ -268,7 +269,7 @@ def _records(responses) -> list:
 
 
 def _without_check_args(variant: Variant) -> Variant:
-    from .lm_backend import CHECK_ARGS
+    from .checks import CHECK_ARGS
 
     return Variant(variant.name, {k: v for k, v in variant.policy_args.items() if k not in CHECK_ARGS})
 
@@ -315,7 +316,7 @@ def _median_seconds(fn, min_run_time: float) -> float:
 @torch.no_grad()
 def decision_cost(stack, costs, tokens: int = 128, min_run_time: float = 1.0, batch_rows: int = 16,
                   check_vocab: int = DEFAULT_CHECK_VOCAB) -> dict:
-    """One exit decision (norm + head + softmax + top-2 at one position) vs one layer at ``tokens``,
+    """One exit decision (norm + head + p1/gap features at one position) vs one layer at ``tokens``,
     and a pruned decision (K head rows). A pick from head clusters is timed by
     :func:`picker_recall` on real states: its cost depends on the state.
     """
@@ -330,15 +331,15 @@ def decision_cost(stack, costs, tokens: int = 128, min_run_time: float = 1.0, ba
     state1 = hidden[:, -1].contiguous()  # [1, H]
     state_b = hidden[0, -batch_rows:].contiguous() if tokens >= batch_rows else hidden[0].repeat(batch_rows, 1)
 
+    # The decision as the engine makes it: the head, then the policy's features (p1, gap).
     def decide(state):
-        probs = torch.softmax(stack.exit_logits(state).float(), dim=-1)
-        return probs.topk(2, dim=-1).values
+        return compute_features(("p1", "gap"), stack.exit_logits(state), state, None, middle, stack.num_layers)
 
     candidates = torch.randint(0, stack.vocab_size, (1, check_vocab), generator=g).to(device)
 
     def decide_pruned(state):  # a later check under check_vocab=K: K head rows only
-        probs = torch.softmax(stack.exit_logits_over(state, candidates).float(), dim=-1)
-        return probs.topk(2, dim=-1).values
+        return compute_features(("p1", "gap"), stack.exit_logits_over(state, candidates), state, None, middle,
+                                stack.num_layers)
 
     layer_s = _median_seconds(lambda: stack.run_layer(middle, hidden, inputs), min_run_time)
     decide1_s = _median_seconds(lambda: decide(state1), min_run_time)
@@ -360,9 +361,8 @@ def decision_cost(stack, costs, tokens: int = 128, min_run_time: float = 1.0, ba
 
 
 def _gap(logits: torch.Tensor) -> float:
-    """p1 - p2 of the softmax over ``logits`` (one row)."""
-    top2 = torch.softmax(logits.float(), -1).topk(2).values
-    return float(top2[0] - top2[1])
+    """p1 - p2 over ``logits`` (one row), as the exit features read it."""
+    return float(compute_features(("gap",), logits[None], logits[None], None, 1, 1)[0, 0])
 
 
 @torch.no_grad()

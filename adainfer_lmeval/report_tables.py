@@ -100,32 +100,28 @@ def _rank_text(row: dict) -> str:
     return ("★ " if row["best"] else "") + str(row["rank"])
 
 
-def _cell_field(gkey: str, field: str, fmt: str) -> tuple[Callable, Callable]:
+def _percent_field(pick: Callable[[dict], dict | None], field: str, fmt: str) -> tuple[Callable, Callable]:
+    """(text, sort value) of ``field`` in the dict ``pick(row)`` gives (a task cell or the macro);
+    accuracy and Δ are fractions there, shown as percent / points."""
     def value(row: dict):
-        cell = row["cells"].get(gkey)
-        if cell is None:
+        source = pick(row)
+        if source is None:
             return None
-        return 100 * cell[field] if field in ("acc", "delta") else cell[field]
+        return 100 * source[field] if field in ("acc", "delta") else source[field]
 
     def text(row: dict) -> str:
         v = value(row)
         return "-" if v is None else format(v, fmt)
 
     return text, value
+
+
+def _cell_field(gkey: str, field: str, fmt: str) -> tuple[Callable, Callable]:
+    return _percent_field(lambda row: row["cells"].get(gkey), field, fmt)
 
 
 def _macro_field(field: str, fmt: str) -> tuple[Callable, Callable]:
-    def value(row: dict):
-        m = row["macro"]
-        if m is None:
-            return None
-        return 100 * m[field] if field in ("acc", "delta") else m[field]
-
-    def text(row: dict) -> str:
-        v = value(row)
-        return "-" if v is None else format(v, fmt)
-
-    return text, value
+    return _percent_field(lambda row: row["macro"], field, fmt)
 
 
 SHORT_METRIC = {"acc": "acc", "exact_match": "EM", "f1": "F1", "word_perplexity": "ppl"}  # headers stay narrow
