@@ -5,7 +5,7 @@
   them in both places). The link ``tasks/_lm_eval_tasks`` that runs create is left out.
 - ``adainfer_lmeval_hook.pth`` goes to the top of site-packages, in a wheel and in an editable
   install alike: Python runs its import line at start-up, which lets lm-eval's own ``lm_eval``
-  command find ``--model adainfer`` (see ``adainfer_lmeval/lm_eval_hook.py``).
+  command find ``--model adainfer`` (see ``adainfer_lmeval/adapter/startup_hook.py``).
 """
 
 import os
@@ -16,7 +16,7 @@ from setuptools.command.build_py import build_py
 
 DATA = {"adainfer_lmeval._policies": "policies", "adainfer_lmeval._tasks": "tasks"}
 PTH_NAME = "adainfer_lmeval_hook.pth"
-PTH_LINE = "import adainfer_lmeval.lm_eval_hook; adainfer_lmeval.lm_eval_hook.install()\n"
+PTH_LINE = "import adainfer_lmeval.adapter.startup_hook; adainfer_lmeval.adapter.startup_hook.install()\n"
 
 
 class build_py_with_hook(build_py):

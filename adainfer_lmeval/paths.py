@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .errors import AdaInferError
+from adainfer_lmeval.errors import AdaInferError
 
 _PACKAGE = Path(__file__).resolve().parent
 SHIPPED = {"policies": "_policies", "tasks": "_tasks"}  # top-level folder -> its name in a wheel
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     name = argv[0] if argv else "tasks"
     try:
         if name == "tasks":
-            from .offline_data import tasks_dir  # also links lm-eval's own task folder into it
+            from adainfer_lmeval.offline.data import tasks_dir  # also links lm-eval's own task folder into it
 
             print(tasks_dir())
         else:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issue 16 (adainfer_lmeval/gpu_check.py): parity in fp32/bf16 on tiny models,
+# The GPU check of issue 16 (adainfer_lmeval/experiments/gpu_check.py): parity in fp32/bf16 on tiny models,
 # then wall-clock of early exit on random-weight Llama-3.2-1B- and Llama-2-7B-shaped models.
 #
 #   bash scripts/gpu_check.sh prepare   # HERE (PyPI reachable): the wheels the GPU machine lacks into .whl/ (ignored)
@@ -73,13 +73,13 @@ case "${1:-}" in
       export PYTHONPATH="/tmp/site_no_lm_eval:$PWD"
     fi
     set -o pipefail
-    timeout "$LIMIT_S" python3 -m adainfer_lmeval.gpu_check --device cuda --budget_s "$BUDGET_S" --output_dir "$OUT" "${@:2}" \
+    timeout "$LIMIT_S" python3 -m adainfer_lmeval.experiments.gpu_check --device cuda --budget_s "$BUDGET_S" --output_dir "$OUT" "${@:2}" \
       2>&1 | tee "$OUT/gpu_check.log"
     ;;
   smoke)
     PY=python3
     [ -x .venv/bin/python ] && PY=.venv/bin/python
-    OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$PY" -m adainfer_lmeval.gpu_check --smoke --device cpu \
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$PY" -m adainfer_lmeval.experiments.gpu_check --smoke --device cpu \
       --output_dir "${OUT:-out/gpu_check_smoke}" "${@:2}"
     ;;
   *)

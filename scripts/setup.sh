@@ -29,7 +29,7 @@ if ! python -c "import sys, torch; sys.exit(torch.__version__ != '2.13.0+cpu')" 
   fi
 fi
 # The start-up hook (adainfer_lmeval_hook.pth) is part of the install: without it, reinstall.
-if ! python -c "import sys, pytest; sys.exit('adainfer_lmeval.lm_eval_hook' not in sys.modules)" 2>/dev/null; then
+if ! python -c "import sys, pytest; sys.exit('adainfer_lmeval.adapter.startup_hook' not in sys.modules)" 2>/dev/null; then
   echo "[setup] installing the package (transformers, lm-eval 0.4.13, ... as pinned in $constraints)"
   python -m pip install -q -c "$constraints" -e ".[test]"
 fi

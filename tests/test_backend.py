@@ -8,7 +8,7 @@ from lm_eval.models.huggingface import HFLM
 
 import adainfer_lmeval  # noqa: F401  (registers the model)
 from adainfer_lmeval.errors import AdaInferError
-from adainfer_lmeval.lm_backend import AdaInferLM
+from adainfer_lmeval.adapter.backend import AdaInferLM
 
 CONTEXTS = [
     "the quick brown fox jumps over",

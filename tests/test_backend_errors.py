@@ -14,10 +14,10 @@ import transformers as tf
 from lm_eval.api.instance import Instance
 
 import adainfer_lmeval  # noqa: F401  (registers the model)
-from adainfer_lmeval import cli
-from adainfer_lmeval.accounting import ExitRecord
+from adainfer_lmeval.cli import main as cli
+from adainfer_lmeval.core.accounting import ExitRecord
 from adainfer_lmeval.errors import AdaInferError
-from adainfer_lmeval.lm_backend import (
+from adainfer_lmeval.adapter.backend import (
     AdaInferLM, GeneratedText, ScoredContinuation, ScoredFloat, check_model_args, parse_model_args,
     split_model_args,
 )
@@ -127,7 +127,7 @@ def test_use_cache_never_serves_answers_of_other_model_args(task_manager, tiny_m
 
 
 def test_use_cache_resumes_a_killed_run_without_recomputing(task_manager, tiny_model_dirs, tmp_path, monkeypatch):
-    from adainfer_lmeval.engine import EarlyExitEngine
+    from adainfer_lmeval.core.engine import EarlyExitEngine
 
     args = f"pretrained={tiny_model_dirs['llama']},policy=threshold,top_prob=0.03"
     rows_run: list[int] = []
@@ -327,7 +327,7 @@ def test_model_arg_parsing():
 
 
 def test_bad_probe_count_is_reported_as_such_not_as_a_bad_cache(tiny_models, monkeypatch, tmp_path, capsys):
-    from adainfer_lmeval import head_clusters as hc
+    from adainfer_lmeval.core import head_clusters as hc
 
     monkeypatch.setenv("ADAINFER_CACHE", str(tmp_path))
     weight = tiny_models["llama"].get_output_embeddings().weight

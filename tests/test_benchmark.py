@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers as tf
 
-from adainfer_lmeval import benchmark as bm
+from adainfer_lmeval.experiments import benchmark as bm
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,12 @@ import pycrfsuite
 import pytest
 import torch
 
-from adainfer_lmeval import learned_policies as lp
-from adainfer_lmeval import policy_files
+from adainfer_lmeval.paths import shipped_dir
+from adainfer_lmeval.policies import learned as lp
+from adainfer_lmeval.policies import files as policy_files
 from adainfer_lmeval.policies import ModelIdentity, build_policy
 
-SHIPPED = Path(policy_files.__file__).resolve().parent.parent / "policies"
+SHIPPED = shipped_dir("policies")
 MODELS = sorted(p.parent.name for p in SHIPPED.glob("*/crf.json"))
 
 
@@ -166,8 +167,8 @@ def test_decide_builds_no_tensors_from_lists(monkeypatch):
 def tiny_crf_policy_file(model, rows, tmp_path: Path, quantile: float) -> Path:
     """A CRF fitted on the tiny model's own features of ``rows`` (labels: p1 above its median), its
     threshold at ``quantile`` of its scores, written as a policy file."""
-    from adainfer_lmeval.engine import EarlyExitEngine, ExitBatch
-    from adainfer_lmeval.features import FEATURE_NAMES
+    from adainfer_lmeval.core.engine import EarlyExitEngine, ExitBatch
+    from adainfer_lmeval.core.features import FEATURE_NAMES
 
     engine = EarlyExitEngine(model, build_policy("full", {}))
     ident = engine.stack.identity()
@@ -187,8 +188,8 @@ def tiny_crf_policy_file(model, rows, tmp_path: Path, quantile: float) -> Path:
 def test_the_carried_chain_equals_a_restarted_one_in_the_engine_and_generation(tiny_models, tmp_path, quantile,
                                                                               monkeypatch):
     """Rows leave between layers in the exit step; the state carried for those that stay is theirs."""
-    from adainfer_lmeval.engine import EarlyExitEngine, ExitBatch
-    from adainfer_lmeval.generation import EarlyExitGenerator
+    from adainfer_lmeval.core.engine import EarlyExitEngine, ExitBatch
+    from adainfer_lmeval.core.generation import EarlyExitGenerator
 
     model = tiny_models["llama"]
     g = torch.Generator().manual_seed(0)

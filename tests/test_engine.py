@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adainfer_lmeval.architectures import DecoderStack
-from adainfer_lmeval.checks import ExitCheckConfig
-from adainfer_lmeval.engine import EarlyExitEngine, ExitBatch
+from adainfer_lmeval.core.architectures import DecoderStack
+from adainfer_lmeval.core.exit_checks import ExitCheckConfig
+from adainfer_lmeval.core.engine import EarlyExitEngine, ExitBatch
 from adainfer_lmeval.errors import AdaInferError
 from adainfer_lmeval.policies import ExitPolicy, build_policy
 
@@ -134,7 +134,7 @@ def test_unsupported_architecture_is_refused():
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 def test_trace_sees_what_exits_would_see(tiny_models, arch):
     """trace() gives, per layer, the logits a static exit there gives and the features a policy sees."""
-    from adainfer_lmeval.features import FEATURE_NAMES
+    from adainfer_lmeval.core.features import FEATURE_NAMES
 
     model = tiny_models[arch]
     rows = _rows(5, 3, model.config.vocab_size)

@@ -8,10 +8,10 @@ import pytest
 import torch
 import transformers as tf
 
-from adainfer_lmeval.architectures import DecoderStack
-from adainfer_lmeval.checks import ExitCheckConfig
-from adainfer_lmeval.engine import EarlyExitEngine
-from adainfer_lmeval.generation import EarlyExitGenerator
+from adainfer_lmeval.core.architectures import DecoderStack
+from adainfer_lmeval.core.exit_checks import ExitCheckConfig
+from adainfer_lmeval.core.engine import EarlyExitEngine
+from adainfer_lmeval.core.generation import EarlyExitGenerator
 from adainfer_lmeval.policies import ExitPolicy, build_policy
 
 from conftest import ARCHITECTURES
@@ -164,8 +164,8 @@ def test_rows_end_at_eos_and_at_the_callers_stop_check(tiny_models):
 
 
 def test_token_oracle_layers_follow_the_lens_of_the_full_forward(tiny_models):
-    from adainfer_lmeval.generation_oracle import token_oracle_layers
-    from adainfer_lmeval.oracle import oracle_layer
+    from adainfer_lmeval.experiments.generation_oracle import token_oracle_layers
+    from adainfer_lmeval.experiments.oracle import oracle_layer
 
     model = tiny_models["qwen2"]
     ids, mask = _left_padded(model.config.vocab_size, seed=5)
@@ -205,7 +205,7 @@ def test_pruned_vocabulary_checks_while_generating(tiny_models):
 
 
 def test_cost_ratios_command(tiny_model_dirs, tiny_models, capsys):
-    from adainfer_lmeval import accounting
+    from adainfer_lmeval.core import accounting as accounting
 
     assert accounting.main([str(tiny_model_dirs["llama"])]) == 0
     stack = DecoderStack(tiny_models["llama"])

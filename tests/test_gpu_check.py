@@ -14,9 +14,9 @@ import statistics
 import pytest
 import torch
 
-from adainfer_lmeval import gpu_check
-from adainfer_lmeval.architectures import DecoderStack
-from adainfer_lmeval.engine import EarlyExitEngine, ExitBatch
+from adainfer_lmeval.experiments import gpu_check as gpu_check
+from adainfer_lmeval.core.architectures import DecoderStack
+from adainfer_lmeval.core.engine import EarlyExitEngine, ExitBatch
 
 ROOT = Path(__file__).resolve().parents[1]
 PARITY_CHECKS = {"full vs model(...)", "static exits vs hidden-state lens", "generation full vs model.generate",
@@ -31,7 +31,7 @@ def smoke_report(tmp_path_factory):
     # Two families (one rotary, one with learned positions) keep this test short; the script's
     # own smoke default runs four.
     proc = subprocess.run(
-        [sys.executable, "-m", "adainfer_lmeval.gpu_check", "--smoke", "--device", "cpu", "--output_dir", str(out),
+        [sys.executable, "-m", "adainfer_lmeval.experiments.gpu_check", "--smoke", "--device", "cpu", "--output_dir", str(out),
          "--archs", "llama,gpt2"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
@@ -99,7 +99,7 @@ def test_smoke_timing_rows_have_the_right_structure(smoke_report):
                                                         "static half depth measured/ideal >= 0.9"}
     assert all(isinstance(t["met"], bool) for t in report["targets"])
     env = report["environment"]
-    assert env["command"].startswith("python -m adainfer_lmeval.gpu_check --smoke") and "torch" in env["versions"]
+    assert env["command"].startswith("python -m adainfer_lmeval.experiments.gpu_check --smoke") and "torch" in env["versions"]
     assert report["complete"] and "## Timing: smoke-shaped" in markdown and "## Targets" in markdown
 
 

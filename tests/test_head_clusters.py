@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adainfer_lmeval.accounting import CostModel
-from adainfer_lmeval.architectures import DecoderStack
-from adainfer_lmeval.checks import ExitCheckConfig
-from adainfer_lmeval.engine import EarlyExitEngine, ExitBatch
+from adainfer_lmeval.core.accounting import CostModel
+from adainfer_lmeval.core.architectures import DecoderStack
+from adainfer_lmeval.core.exit_checks import ExitCheckConfig
+from adainfer_lmeval.core.engine import EarlyExitEngine, ExitBatch
 from adainfer_lmeval.errors import AdaInferError
-from adainfer_lmeval.generation import EarlyExitGenerator
-from adainfer_lmeval.head_clusters import HeadClusters, kmeans
-from adainfer_lmeval.lm_backend import split_model_args
+from adainfer_lmeval.core.generation import EarlyExitGenerator
+from adainfer_lmeval.core.head_clusters import HeadClusters, kmeans
+from adainfer_lmeval.adapter.backend import split_model_args
 from adainfer_lmeval.policies import build_policy
 from conftest import ARCHITECTURES
 from test_engine import Recorder, _rows
@@ -145,7 +145,7 @@ def test_model_args():
 
 
 def test_backend_passes_the_check_args(tiny_model_dirs):
-    from adainfer_lmeval.lm_backend import AdaInferLM
+    from adainfer_lmeval.adapter.backend import AdaInferLM
 
     lm = AdaInferLM(pretrained=str(tiny_model_dirs["llama"]), policy="threshold", gap=0.5, min_layer=2,
                     check_vocab=8, check_clusters=16, check_probes=3, batch_size=1, device="cpu")

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 import adainfer_lmeval  # noqa: F401
-from adainfer_lmeval import learned_policies as lp  # registers svm / crf / file
-from adainfer_lmeval import policy_cli, policy_files
-from adainfer_lmeval import train as tr
+from adainfer_lmeval.policies import learned as lp  # registers svm / crf / file
+from adainfer_lmeval.cli import policy as policy_cli
+from adainfer_lmeval.policies import files as policy_files
+from adainfer_lmeval.experiments import train as tr
 from adainfer_lmeval.errors import AdaInferError
-from adainfer_lmeval.features import FEATURE_NAMES
+from adainfer_lmeval.core.features import FEATURE_NAMES
 from adainfer_lmeval.policies import ModelIdentity, build_policy
 
 L = 6
@@ -204,7 +205,7 @@ def test_calibration_charges_consultations():
 
 def _tiny_model_policies(tiny_models, tmp_path):
     """Train svm/crf files for the tiny llama on synthetic features; run each through the engine."""
-    from adainfer_lmeval.engine import EarlyExitEngine, ExitBatch
+    from adainfer_lmeval.core.engine import EarlyExitEngine, ExitBatch
 
     model = tiny_models["llama"]
     ident = EarlyExitEngine(model, build_policy("full", {})).stack.identity()
@@ -234,7 +235,7 @@ def test_engine_runs_a_learned_policy_on_a_tiny_model(tiny_models, tmp_path):
 def test_backend_takes_a_policy_path(tiny_model_dirs, tiny_models, tmp_path):
     from lm_eval.api.instance import Instance
 
-    from adainfer_lmeval.lm_backend import AdaInferLM
+    from adainfer_lmeval.adapter.backend import AdaInferLM
 
     folder = _tiny_model_policies(tiny_models, tmp_path)
     for kind in ("svm", "crf"):
@@ -260,8 +261,8 @@ def test_policy_list_command(trained, monkeypatch, capsys):
 @pytest.mark.real
 def test_shipped_svm_runs_on_smollm2_arc():
     """policy=svm on smollm2-135m loads policies/smollm2-135m/svm.json and scores ARC requests."""
-    from adainfer_lmeval.collect import load_tasks
-    from adainfer_lmeval.lm_backend import AdaInferLM
+    from adainfer_lmeval.experiments.collect import load_tasks
+    from adainfer_lmeval.adapter.backend import AdaInferLM
 
     assert policy_files.shipped_path("smollm2-135m", "svm").exists(), "the smollm2-135m SVM policy is not shipped"
     lm = AdaInferLM(pretrained="smollm2-135m", policy="svm", device="cpu", batch_size=8)

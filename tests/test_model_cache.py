@@ -11,7 +11,7 @@ import os
 import pytest
 from test_model_zoo import _fake_convert, _fake_download, _fake_spec
 
-from adainfer_lmeval import model_zoo as mz
+from adainfer_lmeval.offline import model_zoo as mz
 from adainfer_lmeval.errors import AdaInferError
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from adainfer_lmeval import model_zoo as mz
+from adainfer_lmeval.offline import model_zoo as mz
 
 FAKE_GGUF_PARTS = [b"GGUF" + b"\x03\x00\x00\x00" + b"a" * 100, b"b" * 57]
 FAKE_SHA = hashlib.sha256(b"".join(FAKE_GGUF_PARTS)).hexdigest()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from adainfer_lmeval import offline_data as od
+from adainfer_lmeval.offline import data as od
 
 od.configure_offline_environment()
 
@@ -73,7 +73,7 @@ def test_offline_switches_are_set_even_after_import(monkeypatch):
 
 def test_tasks_dir_links_lm_eval_and_every_yaml_resolves():
     folder = od.tasks_dir()
-    assert folder == Path(od.__file__).resolve().parent.parent / "tasks"
+    assert folder == Path(od.__file__).resolve().parents[2] / "tasks"
     link = folder / od.LM_EVAL_LINK
     assert link.is_symlink() and link.resolve() == LM_EVAL_TASKS.resolve()
     yamls = sorted(folder.glob("**/*.yaml"))  # as lm-eval's indexer walks: not into the link

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from adainfer_lmeval.lm_eval_hook import BACKEND
+from adainfer_lmeval.adapter.startup_hook import BACKEND
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "tiny_sentiment.jsonl"
@@ -91,7 +91,7 @@ def test_the_wheel_ships_the_policies_the_tasks_and_the_hook(wheel):
     in_wheel = {n.split("adainfer_lmeval/_tasks/", 1)[1] for n in names if n.startswith("adainfer_lmeval/_tasks/")}
     assert shipped_tasks and shipped_tasks <= in_wheel
     assert not [n for n in names if "_lm_eval_tasks" in n or "__pycache__" in n]  # the link stays out
-    assert hook.startswith("import adainfer_lmeval.lm_eval_hook")
+    assert hook.startswith("import adainfer_lmeval.adapter.startup_hook")
     assert f"adainfer = {BACKEND}" in entry_points.split("[lm_eval.models]", 1)[1]
     assert "License-Expression: Apache-2.0" in metadata
     assert "Requires-Dist: torch>=" in metadata and "torch==" not in metadata  # a user's GPU torch stays
@@ -101,12 +101,12 @@ def test_the_wheel_ships_the_policies_the_tasks_and_the_hook(wheel):
 def test_the_installed_copy_finds_its_own_policies_and_tasks(fresh_env):
     script = r"""
 import dataclasses, json, sys
-hooked = "adainfer_lmeval.lm_eval_hook" in sys.modules  # run by the .pth at start-up
+hooked = "adainfer_lmeval.adapter.startup_hook" in sys.modules  # run by the .pth at start-up
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "lm_eval", "transformers", "numpy"))
 import adainfer_lmeval
-from adainfer_lmeval.policy_files import read_policy_json, shipped_path
-from adainfer_lmeval import learned_policies  # registers policy=svm
-from adainfer_lmeval.offline_data import tasks_dir
+from adainfer_lmeval.policies.files import read_policy_json, shipped_path
+from adainfer_lmeval.policies import learned as learned_policies  # registers policy=svm
+from adainfer_lmeval.offline.data import tasks_dir
 from adainfer_lmeval.policies import ModelIdentity, build_policy
 from lm_eval.tasks import TaskManager
 
@@ -166,15 +166,15 @@ def test_lm_evals_own_command_runs_the_adainfer_model(fresh_env, tiny_model_dirs
 def test_importing_the_package_registers_adainfer_lazily():
     script = r"""
 import sys
-import adainfer_lmeval, adainfer_lmeval.features
+import adainfer_lmeval, adainfer_lmeval.core.features
 assert "lm_eval" not in sys.modules, "import adainfer_lmeval imported lm-eval"
 import lm_eval.api.registry as registry
 assert "adainfer" not in registry.model_registry  # lm-eval has not filled its registry yet
 registry.get_model("hf")  # still fills it with lm-eval's own models
-assert registry.model_registry._objs["adainfer"] == adainfer_lmeval.lm_eval_hook.BACKEND
-assert "adainfer_lmeval.lm_backend" not in sys.modules  # a placeholder until it is asked for
+assert registry.model_registry._objs["adainfer"] == adainfer_lmeval.adapter.startup_hook.BACKEND
+assert "adainfer_lmeval.adapter.backend" not in sys.modules  # a placeholder until it is asked for
 cls = registry.get_model("adainfer")
-from adainfer_lmeval.lm_backend import AdaInferLM
+from adainfer_lmeval.adapter.backend import AdaInferLM
 assert cls is AdaInferLM is adainfer_lmeval.AdaInferLM
 print("ok")
 """
@@ -187,6 +187,6 @@ def test_the_entry_point_names_the_backend_class():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["entry-points"]["lm_eval.models"] == {"adainfer": BACKEND}
     module, _, name = BACKEND.partition(":")
-    from adainfer_lmeval.lm_backend import AdaInferLM
+    from adainfer_lmeval.adapter.backend import AdaInferLM
 
     assert (AdaInferLM.__module__, AdaInferLM.__name__) == (module, name)  # lm-eval upgrades the placeholder

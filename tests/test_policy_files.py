@@ -19,12 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from adainfer_lmeval import learned_policies as lp
-from adainfer_lmeval import policy_cli, policy_files
+from adainfer_lmeval.paths import shipped_dir
+from adainfer_lmeval.policies import learned as lp
+from adainfer_lmeval.cli import policy as policy_cli
+from adainfer_lmeval.policies import files as policy_files
 from adainfer_lmeval.errors import AdaInferError
 from adainfer_lmeval.policies import build_policy
 
-SHIPPED = Path(policy_files.__file__).resolve().parent.parent / "policies" / "smollm2-135m"
+SHIPPED = shipped_dir("policies") / "smollm2-135m"
 HEADER_FIELDS = ["size", "type", "version", "num_features", "num_labels", "num_attrs", "off_features", "off_labels",
                  "off_attrs", "off_labelrefs", "off_attrrefs"]
 
@@ -90,7 +92,7 @@ def test_a_segfaulting_crfsuite_file_is_refused_and_the_process_survives(crf_dir
     """The issue's case: right magic, matching sha256, truncated body: rc 139 before."""
     data = (crf_dir / "crf.crfsuite").read_bytes()
     path = write_model(crf_dir, data[: len(data) // 2])
-    code = ("import sys; from adainfer_lmeval import learned_policies as lp; from adainfer_lmeval.errors import AdaInferError\n"
+    code = ("import sys; from adainfer_lmeval.policies import learned as lp; from adainfer_lmeval.errors import AdaInferError\n"
             "try:\n    lp.CrfKind.policy(path=sys.argv[1])\nexcept AdaInferError as e:\n    print(e); sys.exit(3)\n")
     done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})

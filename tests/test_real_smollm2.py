@@ -12,7 +12,7 @@ from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
 import adainfer_lmeval  # noqa: F401
-from adainfer_lmeval.lm_backend import AdaInferLM
+from adainfer_lmeval.adapter.backend import AdaInferLM
 
 pytestmark = pytest.mark.real
 
@@ -21,7 +21,7 @@ SST2_LIMIT = 24
 
 @pytest.fixture(scope="module")
 def smollm2() -> str:
-    from adainfer_lmeval.model_zoo import fetch_model
+    from adainfer_lmeval.offline.model_zoo import fetch_model
 
     return str(fetch_model("smollm2-135m"))
 
@@ -30,7 +30,7 @@ def smollm2() -> str:
 def task_manager():
     from lm_eval.tasks import TaskManager
 
-    from adainfer_lmeval.offline_data import configure_offline_environment, fetch_data, tasks_dir
+    from adainfer_lmeval.offline.data import configure_offline_environment, fetch_data, tasks_dir
 
     configure_offline_environment()
     fetch_data()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from adainfer_lmeval.report import FULL, compare_rows, leaderboard, load_runs, write_report
+from adainfer_lmeval.reporting.report import FULL, compare_rows, leaderboard, load_runs, write_report
 
 RUNS = Path(__file__).resolve().parent.parent / "reports" / "leaderboard" / "runs"
 PICK = {

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from adainfer_lmeval.check import check_rows
+from adainfer_lmeval.reporting.regression_check import check_rows
 from adainfer_lmeval.errors import AdaInferError
-from adainfer_lmeval.report import compare_rows, display_rows, load_runs, write_report
-from adainfer_lmeval.suite import Suite, run_suite
+from adainfer_lmeval.reporting.report import compare_rows, display_rows, load_runs, write_report
+from adainfer_lmeval.experiments.suite import Suite, run_suite
 
 pytestmark = pytest.mark.real
 
@@ -106,7 +106,7 @@ def test_oracle_keeps_full_depth_answers_at_its_exit_layers(ci_runs):
 
 
 def test_oracle_layer_is_where_the_answer_stops_changing():
-    from adainfer_lmeval.oracle import oracle_layer
+    from adainfer_lmeval.experiments.oracle import oracle_layer
 
     assert oracle_layer([0, 1, 1, 1]) == 2
     assert oracle_layer([1, 1, 1, 1]) == 1
@@ -116,7 +116,7 @@ def test_oracle_layer_is_where_the_answer_stops_changing():
 
 def test_leaderboard_of_the_ci_runs(ci_runs, tmp_path):
     """The CI runs' leaderboard: full depth and the oracle as reference rows, each policy one ranked row."""
-    from adainfer_lmeval.report import leaderboard
+    from adainfer_lmeval.reporting.report import leaderboard
 
     _, files = ci_runs
     rows = compare_rows(load_runs(files))

@@ -6,9 +6,9 @@ import pytest
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
-from adainfer_lmeval import request_encoding as re_
+from adainfer_lmeval.adapter import request_encoding as re_
 from adainfer_lmeval.errors import AdaInferError
-from adainfer_lmeval.stages import StageClock, stage
+from adainfer_lmeval.core.stages import StageClock, stage
 
 
 def test_truncation_keeps_the_last_tokens_and_drops_the_last():
@@ -59,7 +59,7 @@ def _hflm(folder, **kwargs):
 
 
 def test_tokenized_requests_are_what_loglikelihood_hands_over(tiny_model_dirs):
-    from adainfer_lmeval.lm_backend import tokenized_requests
+    from adainfer_lmeval.adapter.backend import tokenized_requests
 
     class Recording(HFLM):
         def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
@@ -93,7 +93,7 @@ def test_rows_are_the_inputs_hflm_scores(tiny_model_dirs):
 
 
 def test_stage_clock_times_the_engine_and_costs_nothing_when_off(tiny_model_dirs):
-    from adainfer_lmeval.lm_backend import AdaInferLM
+    from adainfer_lmeval.adapter.backend import AdaInferLM
 
     assert stage("layers") is stage("emit")  # one shared do-nothing context when no clock runs
     lm = AdaInferLM(pretrained=str(tiny_model_dirs["llama"]), device="cpu", batch_size=4, policy="threshold",

@@ -1,4 +1,4 @@
-"""The paper's study (adainfer_lmeval.study): splits, settings, layer mapping, oracle, offline exits.
+"""The paper's study (adainfer_lmeval.experiments.study): splits, settings, layer mapping, oracle, offline exits.
 
 Synthetic collections test the mechanics in seconds; the ``real`` test checks once, on a slice of
 SST-2 with SmolLM2, that the offline evaluation of a policy (exit layers and accuracy computed
@@ -12,11 +12,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from adainfer_lmeval import study as st
-from adainfer_lmeval import train as tr
-from adainfer_lmeval.collect import sample_docs
+from adainfer_lmeval.experiments import study as st
+from adainfer_lmeval.experiments import train as tr
+from adainfer_lmeval.experiments.collect import sample_docs
 from adainfer_lmeval.errors import AdaInferError
-from adainfer_lmeval.features import FEATURE_NAMES
+from adainfer_lmeval.core.features import FEATURE_NAMES
 
 
 def synthetic(task: str, source: str, n: int, L: int, seed: int, doc_ids=None, model: str = "toy") -> tr.Data:
@@ -173,17 +173,17 @@ def test_run_study_rows():
 def test_write_outputs(tmp_path):
     collections = synthetic_collections()
     result = st.run_study(collections, list(DEPTHS), SPECS[:3], k_inner=2, kinds=("threshold",), log=lambda m: None)
-    written = st.write_outputs(result, tmp_path, {"command": "python -m adainfer_lmeval.study test", "seconds": 1.0})
+    written = st.write_outputs(result, tmp_path, {"command": "python -m adainfer_lmeval.experiments.study test", "seconds": 1.0})
     assert {p.name for p in written} == {"results.json", "results.csv", "report.md", "accuracy_vs_layers_saved.png"}
     assert (tmp_path / "accuracy_vs_layers_saved.png").read_bytes()[:4] == b"\x89PNG"
-    assert "python -m adainfer_lmeval.study test" in (tmp_path / "report.md").read_text()
+    assert "python -m adainfer_lmeval.experiments.study test" in (tmp_path / "report.md").read_text()
 
 
 @pytest.mark.real
 def test_offline_evaluation_equals_the_backend(tmp_path):
     """Policies fitted offline give the same exit layers and answers through lm-eval's backend."""
-    from adainfer_lmeval.collect import collect
-    from adainfer_lmeval.model_zoo import fetch_model
+    from adainfer_lmeval.experiments.collect import collect
+    from adainfer_lmeval.offline.model_zoo import fetch_model
 
     model = str(fetch_model("smollm2-135m"))
     spec = st.TaskSpec.parse("sst2")

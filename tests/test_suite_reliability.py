@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from adainfer_lmeval import policy_files
-from adainfer_lmeval import suite as st
+from adainfer_lmeval.policies import files as policy_files
+from adainfer_lmeval.experiments import suite as st
 from adainfer_lmeval.errors import AdaInferError
 
 REPORTS = Path(__file__).resolve().parent.parent / "reports"
@@ -223,8 +223,8 @@ def test_migration_upgrades_only_matching_legacy_runs(fake_runs, tmp_path):
 
 # ---- check: cannot be fooled or emptied ------------------------------------------------------
 
-from adainfer_lmeval import check as ck  # noqa: E402
-from adainfer_lmeval.report import compare_rows, load_runs  # noqa: E402
+from adainfer_lmeval.reporting import regression_check as ck  # noqa: E402
+from adainfer_lmeval.reporting.report import compare_rows, load_runs  # noqa: E402
 
 SST2 = REPORTS / "leaderboard" / "runs" / "smollm2_135m" / "sst2-0shot-limit100"
 

@@ -1,0 +1,209 @@
+"""The early-exit forward pass (AdaInfer): run decoder layers one at a time, let a policy stop.
+
+Knows nothing of lm-eval. Input is a right-padded batch of token rows; for each row, one
+*decision position* (the position whose prediction the policy judges) and the *scored
+positions* (decision position up to the row's end) whose logits the caller needs. After each
+layer the policy may stop a row: the row's scored logits then come from that layer (final
+norm + head applied to its hidden states) and the row leaves the batch, so no later layer
+runs for it. Rows that share a *group* (the answer choices of one question: same tokens up to
+the decision position) share one decision, read once off the group's first row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from adainfer_lmeval.core.architectures import DecoderStack
+from adainfer_lmeval.core.exit_checks import ExitCheckConfig
+from adainfer_lmeval.core.exit_step import ExitStep
+from adainfer_lmeval.core.features import FEATURE_NAMES, compute_features
+from adainfer_lmeval.core.head_clusters import HeadClusters
+from adainfer_lmeval.core.exit_policy import ExitPolicy
+from adainfer_lmeval.core.stages import stage
+
+
+@dataclass
+class ExitBatch:
+    input_ids: torch.Tensor  # [rows, T] long, right-padded
+    lengths: torch.Tensor  # [rows] real tokens per row
+    decision_positions: torch.Tensor  # [rows]; scored positions are decision .. length-1
+    groups: torch.Tensor  # [rows] group index 0..G-1; a group's rows share the decision
+
+    @classmethod
+    def from_rows(cls, rows: list[list[int]], decision_positions: list[int], groups: list[int] | None = None, pad_id: int = 0, device=None):
+        """Right-pad token lists into a batch (groups default to one row each)."""
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        groups = list(range(len(rows))) if groups is None else groups
+        as_tensor = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
+        return cls(ids.to(device), as_tensor([len(r) for r in rows]), as_tensor(decision_positions), as_tensor(groups))
+
+
+@dataclass
+class ExitResult:
+    exit_layers: list[int]  # per row: the layer whose hidden states gave its logits
+    logits: list[torch.Tensor]  # per row: [n_scored, vocab] exit logits at the scored positions
+    checks: list[int]  # per row: exit-head evaluations made for its group's decision
+    pruned_checks: list[int]  # per row: how many of those read K tokens only (check_vocab)
+    check_rows: list[int]  # per row: head rows its group's checks multiplied (check head rows)
+
+
+@dataclass
+class LayerView:
+    layer: int
+    features: torch.Tensor  # [rows, len(FEATURE_NAMES)] at the decision positions
+    logits: list[torch.Tensor]  # per row: [n_scored, vocab] exit logits at the scored positions
+
+
+class EarlyExitEngine:
+    """``checks``: how exit checks read the head (:class:`.exit_checks.ExitCheckConfig`; default: the
+    full head at every check)."""
+
+    def __init__(self, model, policy: ExitPolicy, checks: ExitCheckConfig | None = None):
+        self.stack = DecoderStack(model)
+        self.policy = policy
+        self.checks = ExitCheckConfig() if checks is None else checks
+        self.checks.check_against(self.stack.vocab_size)
+        self.head_clusters = None  # built once from the head's weight, when the config asks for them
+        if self.checks.clusters:
+            self.head_clusters = HeadClusters.for_head(self.stack.head.weight, self.checks.clusters, self.checks.probes)
+        policy.bind(self.stack.identity())
+
+    def exit_step(self, slots: int, device) -> ExitStep:
+        """The exit step of one pass with ``slots`` decision makers (groups, or generation rows)."""
+        return ExitStep(self.stack, self.policy, self.checks.vocab, self.head_clusters, slots, device)
+
+    @property
+    def num_layers(self) -> int:
+        return self.stack.num_layers
+
+    @torch.no_grad()
+    def run(self, batch: ExitBatch) -> ExitResult:
+        stack, num_layers = self.stack, self.stack.num_layers
+        rows = batch.input_ids.shape[0]
+        lengths, decision = batch.lengths, batch.decision_positions
+        groups = batch.groups
+        n_groups = int(groups.max()) + 1
+        # The first row of each group speaks for the group.
+        first_row = torch.full((n_groups,), rows, dtype=torch.long, device=groups.device)
+        first_row.scatter_reduce_(0, groups, torch.arange(rows, device=groups.device), reduce="amin")
+
+        step = self.exit_step(n_groups, groups.device)
+        # Python copies of the spans: reading tensors element by element would sync a GPU.
+        spans = list(zip(decision.tolist(), lengths.tolist()))
+
+        width = int(lengths.max())
+        with stage("embed"):
+            hidden = stack.embed(batch.input_ids[:, :width])
+        active = torch.arange(rows, device=groups.device)  # batch row of each hidden row
+        with stage("layer_inputs"):
+            inputs = stack.layer_inputs(hidden)
+        if step.tracks_state:  # layer 1 compares against the embeddings (layer 0)
+            speaker_idx, speaker_groups = self._speakers(active, groups, first_row)
+            step.remember(hidden[speaker_idx, decision[speaker_idx]], speaker_groups)
+        exit_layers = [num_layers] * rows
+        logits_out: list[torch.Tensor | None] = [None] * rows
+
+        for layer in range(1, num_layers):
+            with stage("layers"):
+                hidden = stack.run_layer(layer - 1, hidden, inputs)
+            consult = step.consults_at(layer)
+            if not consult and not step.tracks_state:
+                continue
+            speaker_idx, speaker_groups = self._speakers(active, groups, first_row)
+            state = hidden[speaker_idx, decision[active[speaker_idx]]]
+            if not consult:
+                step.remember(state, speaker_groups)
+                continue
+            stop, check_logits = step.decide(layer, state, speaker_groups)
+            stopped = speaker_groups[stop]
+            if stopped.numel() == 0:
+                continue
+            leaving = torch.isin(groups[active], stopped)
+            # A speaker scored at its decision position alone (single-token answers) already
+            # has its exit logits: the check computed them.
+            known = {}
+            if check_logits is not None:
+                speakers = active[speaker_idx].tolist()
+                known = {r: check_logits[k : k + 1] for k, r in enumerate(speakers) if spans[r][1] - spans[r][0] == 1}
+            with stage("emit"):
+                self._emit(hidden[leaving], active[leaving], layer, spans, exit_layers, logits_out, known)
+            hidden, active = hidden[~leaving], active[~leaving]
+            if active.numel() == 0:
+                break
+            # Trailing padding that no remaining row needs is not computed any further.
+            width = int(lengths[active].max())
+            hidden = hidden[:, :width]
+            with stage("layer_inputs"):
+                inputs = stack.layer_inputs(hidden)
+        else:
+            with stage("layers"):
+                hidden = stack.run_layer(num_layers - 1, hidden, inputs)
+            with stage("emit"):
+                self._emit(hidden, active, num_layers, spans, exit_layers, logits_out)
+
+        checks, pruned_checks, check_head_rows = step.counts(groups)
+        return ExitResult(exit_layers, logits_out, checks, pruned_checks, check_head_rows)  # type: ignore[arg-type]
+
+    @torch.no_grad()
+    def trace(self, batch: ExitBatch):
+        """Every layer's view of every row, with no exits: for collecting training features.
+
+        Yields a :class:`LayerView` per layer 1..num_layers, holding all of
+        :data:`FEATURE_NAMES` at each row's decision position and the exit logits at its
+        scored positions. Consume each view before asking for the next (they are large).
+        """
+        stack, num_layers = self.stack, self.stack.num_layers
+        width = int(batch.lengths.max())
+        hidden = stack.embed(batch.input_ids[:, :width])
+        inputs = stack.layer_inputs(hidden)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        previous = hidden[rows, batch.decision_positions]
+        spans = [(int(d), int(n)) for d, n in zip(batch.decision_positions, batch.lengths)]
+        for layer in range(1, num_layers + 1):
+            hidden = stack.run_layer(layer - 1, hidden, inputs)
+            gathered = torch.cat([hidden[i, start:end] for i, (start, end) in enumerate(spans)])
+            logits = stack.exit_logits(gathered)
+            per_row, offset = [], 0
+            for start, end in spans:
+                per_row.append(logits[offset : offset + end - start])
+                offset += end - start
+            state = hidden[rows, batch.decision_positions]
+            decision_logits = torch.stack([row_logits[0] for row_logits in per_row])
+            feats = compute_features(FEATURE_NAMES, decision_logits, state, previous, layer, num_layers)
+            previous = state
+            yield LayerView(layer, feats, per_row)
+
+    # ---- helpers ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _speakers(active, groups, first_row):
+        """Indices (into the active rows) of each active group's first row, and their groups."""
+        active_groups = groups[active]
+        is_speaker = first_row[active_groups] == active
+        idx = torch.nonzero(is_speaker, as_tuple=True)[0]
+        return idx, active_groups[idx]
+
+    def _emit(self, hidden, rows, layer, spans, exit_layers, logits_out, known=None):
+        """Exit logits at the scored positions of ``rows``, in one head call (``known``: already computed)."""
+        rows = rows.tolist()
+        known = known or {}
+        for r in rows:
+            exit_layers[r] = layer
+        todo = [(i, r) for i, r in enumerate(rows) if r not in known]
+        for r in rows:
+            if r in known:
+                logits_out[r] = known[r]
+        if not todo:
+            return
+        gathered = torch.cat([hidden[i, spans[r][0] : spans[r][1]] for i, r in todo])
+        logits = self.stack.exit_logits(gathered)
+        offset = 0
+        for _, r in todo:
+            start, end = spans[r]
+            logits_out[r] = logits[offset : offset + end - start]
+            offset += end - start

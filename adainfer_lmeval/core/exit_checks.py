@@ -1,0 +1,152 @@
+"""Exit checks: the exit head and features at a layer where the policy is consulted.
+
+A check is the price of deciding. With the full head it is a matrix-vector product over the
+whole vocabulary per row: on a CPU at batch 1 that is memory-bound and costs 84-88% of a
+128-token decoder layer for SmolLM2 and Qwen-0.5B (reports/benchmark/), far more than its FLOPs.
+
+``check_vocab=K`` switches on dynamic vocabulary pruning (Vincenti et al., 2024, "Dynamic
+Vocabulary Pruning in Early-Exit LLMs"): a row's first check applies the full head and keeps
+its K most likely tokens; its later checks compute the logits of those K tokens only (K rows
+of the head), so they cost K·d instead of V·d. The features are then read off the softmax
+over those K tokens (p1 and gap a little higher than over the full vocabulary: the tail's
+mass is left out). The answer itself never comes from a pruned check: a row that exits gets
+the full head at its scored positions.
+
+``check_clusters=C`` (with ``check_vocab``) takes the first check's candidates from a
+balanced clustering of the head's rows instead of the full head (:mod:`.head_clusters`), so
+that no check multiplies the whole head: the first costs C + probes·S head rows, the later
+ones K.
+
+Knows nothing of lm-eval or policies' internals: it gets the feature names to compute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from adainfer_lmeval.errors import AdaInferError
+from adainfer_lmeval.core.features import compute_features
+from adainfer_lmeval.core.stages import stage
+from adainfer_lmeval.arg_values import convert_arg
+
+CHECK_ARGS = {  # model args of the exit checks: what each counts (see .head_clusters)
+    "check_vocab": "tokens kept per exit check",
+    "check_clusters": "head clusters the first check's candidates are picked from",
+    "check_probes": "head clusters a first check probes; default check_clusters/32",
+}
+
+
+@dataclass(frozen=True)
+class ExitCheckConfig:
+    """How exit checks read the head: ``vocab`` K tokens per later check (None: the full head),
+    ``clusters`` C head clusters the first check picks its K candidates from (needs ``vocab``),
+    ``probes`` of them probed per pick (needs ``clusters``; None: C/32)."""
+
+    vocab: int | None = None
+    clusters: int | None = None
+    probes: int | None = None
+
+    def __post_init__(self):
+        if self.clusters and not self.vocab:
+            raise AdaInferError("check_clusters needs check_vocab=K (the candidates it picks); add e.g. check_vocab=64")
+        if self.probes and not self.clusters:
+            raise AdaInferError("check_probes needs check_clusters=C (the clusters it probes); add e.g. check_clusters=256")
+        if self.probes and self.probes > self.clusters:
+            raise AdaInferError(
+                f"check_probes={self.probes} must be between 1 and check_clusters={self.clusters} "
+                "(the clusters a first check probes)"
+            )
+
+    @classmethod
+    def from_model_args(cls, args: dict) -> "ExitCheckConfig":
+        """The ``check_*`` entries of a model-args dict (other keys are ignored): ``check_vocab=K``
+        / ``check_clusters=C`` an integer >= 2, none/0 switched off; ``check_probes=P`` an
+        integer >= 1, none the default."""
+        return cls(*(_check_arg(name, args.get(name)) for name in CHECK_ARGS))
+
+    def model_args(self) -> dict:
+        """The config as the model args that give it (run settings, cache keys)."""
+        return dict(zip(CHECK_ARGS, (self.vocab, self.clusters, self.probes)))
+
+    def check_against(self, vocab_size: int) -> None:
+        """Refuse what a model's vocabulary rules out (needs only its config)."""
+        if self.vocab is not None and not 1 <= self.vocab < vocab_size:
+            raise AdaInferError(
+                f"check_vocab={self.vocab} must be below the model's vocabulary ({vocab_size} tokens): "
+                "it is the number of tokens a pruned check keeps"
+            )
+        if self.clusters and self.clusters > vocab_size // 2:
+            raise AdaInferError(f"check_clusters={self.clusters} must be between 2 and {vocab_size // 2} (half the vocabulary)")
+
+
+def _check_arg(name: str, value) -> int | None:
+    off = (None, "", "none", "None") if name == "check_probes" else (None, "", "none", "None", 0, "0")
+    if not isinstance(value, bool) and value in off:
+        return None
+    least = 1 if name == "check_probes" else 2
+    try:
+        k = convert_arg(name, value, int)
+    except AdaInferError:
+        k = None
+    if k is None or k < least:
+        hint = "" if name == "check_probes" else ", or none"
+        raise AdaInferError(f"{name}={value!r} must be an integer >= {least} ({CHECK_ARGS[name]}){hint}")
+    return k
+
+
+class ExitChecks:
+    """Checks for ``slots`` decision makers (groups, or generation rows) over one pass."""
+
+    def __init__(self, stack, vocab: int | None, slots: int, device, clusters=None):
+        self.stack = stack
+        self.vocab = None if vocab is None or vocab >= stack.vocab_size else int(vocab)
+        self.clusters = clusters if self.vocab is not None else None  # a HeadClusters, or None
+        if self.vocab is not None:
+            self.candidates = torch.zeros(slots, self.vocab, dtype=torch.long, device=device)
+            self.pruned = torch.zeros(slots, dtype=torch.bool, device=device)
+
+    def consult(self, names, state, previous, layer: int, num_layers: int, slots: torch.Tensor):
+        """(features [n, len(names)], full-vocabulary logits or None, bool [n]: the check read
+        K tokens (pruned, or picked from head clusters), long [n]: head rows it multiplied).
+
+        The logits are returned only when every row of this call used the full head (so the
+        caller may reuse them as exit logits).
+        """
+        stack = self.stack
+        n = len(state)
+        check_head_rows = torch.full((n,), stack.vocab_size, dtype=torch.long, device=state.device)
+        if self.vocab is None:
+            with stage("check_head", n):
+                logits = stack.exit_logits(state)
+            with stage("check_features"):
+                features = compute_features(names, logits, state, previous, layer, num_layers)
+            return features, logits, torch.zeros(n, dtype=torch.bool, device=state.device), check_head_rows
+        pruned = self.pruned[slots]
+        features = torch.empty(n, len(names), device=state.device)
+        full_logits = None
+        for use_pruned in (False, True):
+            pick = pruned if use_pruned else ~pruned
+            if not bool(pick.any()):
+                continue
+            rows_state = state[pick]
+            rows_previous = previous[pick] if previous is not None else None
+            if use_pruned:
+                with stage("check_head", len(rows_state)):
+                    logits = stack.exit_logits_over(rows_state, self.candidates[slots[pick]])
+                check_head_rows[pick] = self.vocab
+            elif self.clusters is not None:  # first check: candidates from the probed clusters
+                with stage("check_head", len(rows_state)):
+                    self.candidates[slots[pick]], logits, check_head_rows[pick] = self.clusters.pick(stack, rows_state, self.vocab)
+                self.pruned[slots[pick]] = True
+            else:
+                with stage("check_head", len(rows_state)):
+                    logits = stack.exit_logits(rows_state)
+                self.candidates[slots[pick]] = logits.topk(self.vocab, dim=-1).indices
+                self.pruned[slots[pick]] = True
+                full_logits = logits if not bool(pruned.any()) else None
+            with stage("check_features"):
+                features[pick] = compute_features(names, logits, rows_state, rows_previous, layer, num_layers).to(features.dtype)
+        over_k = torch.ones_like(pruned) if self.clusters is not None else pruned
+        return features, full_logits, over_k, check_head_rows

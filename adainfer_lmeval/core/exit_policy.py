@@ -1,0 +1,63 @@
+"""What the engine asks of an exit policy, and what a policy may know of the model.
+
+The core calls a policy through this interface only; the policies themselves (rules, learned
+classifiers, the registry that builds them from model args) live in :mod:`adainfer_lmeval.policies`
+and import this, never the other way round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from adainfer_lmeval.errors import AdaInferError
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a policy may know of the model it runs on (a trained policy checks it fits)."""
+
+    name: str  # the short name (e.g. smollm2-135m) or the folder/hub id's last part
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+
+
+class ExitPolicy:
+    """Base class. Subclasses set ``name``, ``params`` and override :meth:`decide`.
+
+    ``features`` lists the feature columns :meth:`decide` reads; the engine computes the exit
+    head only at layers where :meth:`consults_at` is true, and only if ``features`` is not
+    empty (a policy with no features, like ``static``, costs no head evaluations).
+    """
+
+    name = "base"
+    #: parameter name -> (type, help); values arrive as strings or numbers from model args
+    params: dict[str, tuple[type, str]] = {}
+    features: tuple[str, ...] = ()
+    min_layer: int = 1
+
+    def consults_at(self, layer: int, num_layers: int) -> bool:
+        return self.min_layer <= layer < num_layers
+
+    def decide(self, layer: int, num_layers: int, history: torch.Tensor) -> torch.Tensor:
+        """Bool tensor [rows]: stop after ``layer``.
+
+        ``history`` is float [rows, layer + 1, len(features)]: the features of layers
+        0..layer, NaN for layers where the policy was not consulted.
+        """
+        raise NotImplementedError
+
+    def bind(self, model: ModelIdentity) -> None:
+        """Called once with the model the policy will run on: refuse what cannot work there.
+
+        A trained policy loads or checks its file here (it must fit the model's depth).
+        """
+        if not 1 <= self.min_layer <= model.num_layers:
+            raise AdaInferError(f"min_layer={self.min_layer} is outside 1..{model.num_layers} for this model")
+
+    def describe(self) -> dict:
+        """What the results JSON records about this policy."""
+        return {"name": self.name, "min_layer": self.min_layer}

@@ -1,0 +1,427 @@
+"""AdaInfer's learned stop classifiers: one estimator class per kind, one exit-policy wrapper.
+
+A kind is a :class:`LearnedKind` subclass in the scikit-learn style: ``fit(X, y)`` on layer
+sequences, ``decision_function(X)`` (torch in, torch out, a batch of rows), plain parameters
+(``to_dict`` / ``from_dict`` of its JSON payload, ``files`` for what sits next to the JSON).
+:func:`register_kind` puts it in :data:`LEARNED_KINDS` (what training, the study and
+``policy=file`` look kinds up in) and makes ``policy=<kind>`` an exit policy.
+
+:class:`LearnedPolicy` is the one wrapper: it loads ``policies/<model>/<kind>.json`` (or
+``path=``) through :mod:`.files`, checks that it fits the running model, and applies the
+operating point: stop at the first layer l >= ``min_layer`` whose score reaches ``threshold``.
+A score at layer l reads layers <= l only: the SVM's is its decision value on layer l; the CRF's
+is the marginal P(stop at l | layers seq_start..l) of the linear-chain CRF on that prefix, the
+forward algorithm's alpha at l normalised, carried from one layer to the next.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from adainfer_lmeval.policies import files as pf
+from adainfer_lmeval.errors import AdaInferError
+from adainfer_lmeval.policies import ExitPolicy, ModelIdentity, register_policy
+
+LEARNED_KINDS: dict[str, type["LearnedKind"]] = {}
+
+
+def register_kind(name: str):
+    """Class decorator: a learned kind ``name``, reachable as ``policy=name`` and by training."""
+
+    def wrap(cls):
+        cls.kind = name
+        LEARNED_KINDS[name] = cls
+        policy = type(f"{cls.__name__.removesuffix('Kind')}Policy", (LearnedPolicy,), {"kind": name, "__doc__": cls.__doc__})
+        policy.__module__ = __name__
+        cls.policy = register_policy(name)(policy)
+        return cls
+
+    return wrap
+
+
+def learned_kind(name: str) -> type["LearnedKind"]:
+    if name not in LEARNED_KINDS:
+        raise AdaInferError(f"unknown policy kind {name!r}; known: {', '.join(LEARNED_KINDS)}")
+    return LEARNED_KINDS[name]
+
+
+def read_policy(path: str | Path) -> tuple[type["LearnedKind"], dict]:
+    """(kind class, metadata) of a policy file, every field checked; nothing is unpickled."""
+    meta = pf.read_policy_json(path)
+    kind = LEARNED_KINDS.get(meta["kind"])
+    if kind is None:
+        raise AdaInferError(f"{path}: unknown policy kind {meta['kind']!r}; known: {', '.join(LEARNED_KINDS)}")
+    kind.check_dict(Path(path), meta)
+    return kind, meta
+
+
+def _standardize(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (x.to(torch.float64) - mean) / scale
+
+
+class LearnedKind:
+    """A stop classifier over per-layer features. ``X``: [rows, layers, features], raw values in
+    the policy's feature order; the classifier standardizes them with its scaler (mean, scale).
+
+    A subclass sets how one layer is scored in :meth:`step` (``state`` carries what the score at
+    the next layer needs, None at the first layer of a chain) and its parameters.
+    """
+
+    kind = ""
+    policy: type["LearnedPolicy"]
+    #: the first layer a score reads (a chain); None: the score at layer l reads layer l only
+    seq_start: int | None = None
+    #: what the score is (recorded with the operating point)
+    score_meaning = ""
+
+    def __init__(self, mean=None, scale=None):
+        self.mean = None if mean is None else [float(v) for v in mean]
+        self.scale = None if scale is None else [float(v) for v in scale]
+        self._tensors: dict[torch.device, dict] = {}
+
+    def to_dict(self) -> dict:
+        """The JSON payload of the parameters (merged into the policy file's metadata)."""
+        return {"scaler": {"mean": list(self.mean), "scale": list(self.scale)}}
+
+    def files(self) -> dict[str, bytes]:
+        """Files written next to the JSON: name -> bytes."""
+        return {}
+
+    @classmethod
+    def check_dict(cls, path: Path, meta: dict) -> None:
+        """Refuse (one line) a file whose kind-specific fields are unsound."""
+
+    @classmethod
+    def from_dict(cls, meta: dict, path: Path | None = None) -> "LearnedKind":
+        raise NotImplementedError
+
+    @classmethod
+    def check_files(cls, path: Path, meta: dict) -> None:
+        """Check the files the JSON names without starting a process (for listings)."""
+
+    def fit(self, X: np.ndarray, y: np.ndarray, **options) -> "LearnedKind":
+        """Fit on layer sequences ``X`` [N, T, F] with stop labels ``y`` bool [N, T]; returns self."""
+        raise NotImplementedError
+
+    def _fit_scaler(self, x: np.ndarray) -> np.ndarray:
+        """Set the scaler from rows ``x`` [n, F]; returns them standardized."""
+        mean, scale = x.mean(0), x.std(0)
+        scale[scale < 1e-8] = 1.0
+        self.mean, self.scale, self._tensors = mean.tolist(), scale.tolist(), {}
+        as_tensor = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+        return _standardize(as_tensor(x), as_tensor(self.mean), as_tensor(self.scale)).numpy()
+
+    def tensors(self, device) -> dict:
+        """The scoring tensors on ``device``, built once from the plain parameters."""
+        device = torch.device(device)
+        if device not in self._tensors:
+            made = {"mean": torch.tensor(self.mean, dtype=torch.float64),
+                    "scale": torch.tensor(self.scale, dtype=torch.float64), **self._build_tensors()}
+            self._tensors[device] = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in made.items()}
+        return self._tensors[device]
+
+    def _build_tensors(self) -> dict:
+        return {}
+
+    def standardize(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.tensors(x.device)
+        return _standardize(x, t["mean"], t["scale"])
+
+    def step(self, state, x: torch.Tensor):
+        """(state for the next layer, float64 score [rows]) of one layer's raw features ``x`` [rows, F]."""
+        raise NotImplementedError
+
+    def decision_function(self, X: torch.Tensor) -> torch.Tensor:
+        """Scores [N, T] of every layer of ``X`` [N, T, F]; the score at t reads layers <= t only
+        (the same steps the policy takes layer by layer)."""
+        state, out = None, []
+        for t in range(X.shape[1]):
+            state, score = self.step(state, X[:, t])
+            out.append(score)
+        return torch.stack(out, 1)
+
+
+class LearnedPolicy(ExitPolicy):
+    """A learned kind's file as an exit policy; ``decide`` at layer l reads layers <= l only.
+
+    A chained kind (the CRF) carries its state from layer l-1 to l: the rows at l are those of
+    l-1 that it did not stop, in order (the exit step's contract: stopped rows leave); when the
+    row count is unchanged, they are the same rows. Any other call (a first layer, a gap, more
+    rows) starts the chain again from the history.
+    """
+
+    kind = ""
+    params = {
+        "path": (str, "a policy JSON file (default: the one shipped for the loaded model)"),
+        "threshold": (float, "override the stored operating point (decision threshold)"),
+        "min_layer": (int, "override the stored first layer that may exit"),
+    }
+
+    def __init__(self, path: str | None = None, threshold: float | None = None, min_layer: int | None = None):
+        if threshold is not None and not pf.finite(threshold):
+            raise AdaInferError(f"threshold={threshold} must be a finite number")
+        self.path = Path(path) if path else None
+        self._threshold_override = threshold
+        self._min_layer_override = min_layer
+        self.meta: dict | None = None
+        self.estimator: LearnedKind | None = None
+        self.features = ()
+        self.min_layer = 1 if min_layer is None else int(min_layer)
+        self._carry = None
+        if self.path is not None:  # read now: a bad file fails before a model loads
+            self._load(self.path)
+
+    def _load(self, path: Path) -> None:
+        kind, meta = read_policy(path)
+        if self.kind and meta["kind"] != self.kind:
+            raise AdaInferError(f"{path} holds a {meta['kind']} policy, not {self.kind}; use policy={meta['kind']},path=... or policy={path}")
+        self.estimator = kind.from_dict(meta, path)
+        self.meta = meta
+        self.source = str(path)
+        self.features = tuple(meta["features"])
+        self.threshold = float(meta["threshold"] if self._threshold_override is None else self._threshold_override)
+        self.min_layer = int(meta["min_layer"] if self._min_layer_override is None else self._min_layer_override)
+        if not pf.finite(self.threshold):
+            raise AdaInferError(f"threshold={self.threshold} must be a finite number (policy {self.kind or meta['kind']})")
+        if self.min_layer < 1:
+            raise AdaInferError(f"min_layer={self.min_layer} must be >= 1")
+
+    def bind(self, model: ModelIdentity) -> None:
+        if self.meta is None:
+            path = pf.shipped_path(model.name, self.kind)
+            if not path.exists():
+                shipped = sorted(p.parent.name for p in pf.policies_dir().glob(f"*/{self.kind}.json"))
+                raise AdaInferError(
+                    f"no {self.kind} policy is shipped for model {model.name!r} (shipped for: {', '.join(shipped) or 'none'}); "
+                    f"train one with python -m adainfer_lmeval.experiments.train --model {model.name}, then pass path=..."
+                )
+            self._load(path)
+        pf.check_fits(self.meta, model, self.source)
+        super().bind(model)
+
+    def consults_at(self, layer: int, num_layers: int) -> bool:
+        start = self.estimator.seq_start if self.estimator is not None else None
+        first = self.min_layer if start is None else min(start, self.min_layer)  # a chain reads every layer
+        return first <= layer < num_layers
+
+    def decide(self, layer, num_layers, history):
+        estimator = self.estimator
+        start = estimator.seq_start
+        x = history[:, layer, :]
+        if start is None:
+            _, score = estimator.step(None, x)
+        elif layer < start:
+            self._carry = None
+            return torch.zeros(history.shape[0], dtype=torch.bool, device=history.device)
+        else:
+            state = self._carried(layer, history.shape[0])
+            if state is None and layer > start:  # restart the chain from the history
+                for earlier in range(start, layer):
+                    state, _ = estimator.step(state, history[:, earlier, :])
+            state, score = estimator.step(state, x)
+        stop = score >= self.threshold
+        if layer < self.min_layer:
+            stop = torch.zeros_like(stop)
+        if start is not None:
+            self._carry = (layer, state, stop)
+        return stop
+
+    def _carried(self, layer: int, rows: int):
+        carry, self._carry = self._carry, None
+        if carry is None or carry[0] != layer - 1 or rows > carry[1].shape[0]:
+            return None
+        _, state, stop = carry
+        if rows == state.shape[0]:
+            return state
+        # The rows it did not stop, in order; ``rows`` (known on the host) says how many: no sync.
+        return state[torch.argsort(stop.to(torch.int8), stable=True)[:rows]]
+
+    def describe(self) -> dict:
+        meta = self.meta or {}
+        return {
+            "name": self.name, "kind": self.kind or meta.get("kind"), "file": getattr(self, "source", None),
+            "threshold": getattr(self, "threshold", None), "min_layer": self.min_layer,
+            "label": meta.get("label"), "trained_for": (meta.get("model") or {}).get("name"),
+            "data_sha256": (meta.get("training") or {}).get("data_sha256"),
+        }
+
+
+@register_policy("file")
+class PolicyFile(ExitPolicy):
+    """``policy=file,path=P``: whichever learned kind the file holds."""
+
+    params = LearnedPolicy.params
+
+    def __new__(cls, path: str | None = None, threshold: float | None = None, min_layer: int | None = None):
+        if not path:
+            raise AdaInferError("policy=file needs path=<policy .json>, e.g. policy=file,path=policies/smollm2-135m/svm.json")
+        kind, _ = read_policy(path)
+        return kind.policy(path=path, threshold=threshold, min_layer=min_layer)
+
+
+@register_kind("svm")
+class SvmKind(LearnedKind):
+    """AdaInfer's linear SVM on single layers: score = coef · standardized features + intercept."""
+
+    score_meaning = "SVM decision value"
+
+    def __init__(self, mean=None, scale=None, coef=None, intercept: float = 0.0):
+        super().__init__(mean, scale)
+        self.coef = None if coef is None else [float(v) for v in coef]
+        self.intercept = float(intercept)
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "coef": list(self.coef), "intercept": self.intercept}
+
+    @classmethod
+    def check_dict(cls, path, meta):
+        pf.vector(path, meta, "coef", len(meta["features"]))
+        pf.number(path, meta, "intercept")
+
+    @classmethod
+    def from_dict(cls, meta, path=None):
+        return cls(meta["scaler"]["mean"], meta["scaler"]["scale"], meta["coef"], meta["intercept"])
+
+    def fit(self, X, y, C: float = 0.1):
+        from sklearn.svm import LinearSVC
+
+        x = np.asarray(X, dtype=np.float64).reshape(-1, X.shape[-1])
+        t = np.asarray(y).reshape(-1)
+        z = self._fit_scaler(x)
+        if t.all() or not t.any():  # one class only: a constant score
+            self.coef, self.intercept = [0.0] * x.shape[1], 1.0 if t.all() else -1.0
+        else:
+            clf = LinearSVC(C=C, class_weight="balanced", max_iter=20000).fit(z, t)
+            self.coef, self.intercept = clf.coef_[0].tolist(), float(clf.intercept_[0])
+        self._tensors = {}
+        return self
+
+    def _build_tensors(self):
+        return {"coef": torch.tensor(self.coef, dtype=torch.float64)}
+
+    def step(self, state, x):
+        return None, self.standardize(x) @ self.tensors(x.device)["coef"] + self.intercept
+
+
+def crf_item(values) -> dict:
+    """One layer as crfsuite attributes: standardized feature values and a bias."""
+    item = {f"f{i}": float(v) for i, v in enumerate(values)}
+    item["bias"] = 1.0
+    return item
+
+
+@register_kind("crf")
+class CrfKind(LearnedKind):
+    """A linear-chain CRF over layers (labels stop/go), trained by crfsuite; scored in torch.
+
+    The emission of label y at a layer is the sum over the layer's attributes (:func:`crf_item`)
+    of weight(attribute, y) × value; the score at layer l is the forward algorithm's alpha at l
+    normalised: P(stop at l | layers seq_start..l).
+    """
+
+    seq_start = 1
+    score_meaning = "CRF marginal P(stop at l | layers seq_start..l)"
+    crfsuite_file = "crf.crfsuite"
+
+    def __init__(self, mean=None, scale=None, model_bytes: bytes | None = None, seq_start: int = 1):
+        super().__init__(mean, scale)
+        self.model_bytes = model_bytes
+        self.seq_start = int(seq_start)
+        self._cached_weights: dict | None = None
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "seq_start": self.seq_start, "crfsuite_file": self.crfsuite_file,
+                "crfsuite_sha256": pf.sha256_bytes(self.model_bytes)}
+
+    def files(self):
+        return {self.crfsuite_file: self.model_bytes}
+
+    @classmethod
+    def check_dict(cls, path, meta):
+        pf.positive_int(path, meta, "seq_start", 1)
+        pf.check_crfsuite_fields(path, meta)
+
+    @classmethod
+    def from_dict(cls, meta, path=None):
+        if path is None:
+            raise AdaInferError("a CRF policy is read from its file (its crfsuite model sits next to the JSON)")
+        data = pf.read_crfsuite_bytes(Path(path), meta)
+        kind = cls(meta["scaler"]["mean"], meta["scaler"]["scale"], data, meta.get("seq_start", 1))
+        kind._weights(source=path)  # a model whose labels or attributes are not ours fails now
+        return kind
+
+    @classmethod
+    def check_files(cls, path, meta):
+        pf.read_crfsuite_bytes(Path(path), meta, smoke=False)
+
+    def fit(self, X, y, c2: float = 0.1, max_iterations: int = 200):
+        import sklearn_crfsuite
+
+        x = np.asarray(X, dtype=np.float64)
+        z = self._fit_scaler(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+        xs = [[crf_item(v) for v in seq] for seq in z]
+        ys = [[pf.STOP if s else pf.GO for s in seq] for seq in y]
+        if y.all() or not y.any():  # crfsuite needs both labels: add one flipped dummy sequence
+            xs.append(xs[0])
+            ys.append([pf.GO if s == pf.STOP else pf.STOP for s in ys[0]])
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / self.crfsuite_file
+            crf = sklearn_crfsuite.CRF(algorithm="lbfgs", c1=0.0, c2=c2, max_iterations=max_iterations,
+                                       all_possible_transitions=True, model_filename=str(path))
+            crf.fit(xs, ys)
+            self.model_bytes = path.read_bytes()
+        if not self.model_bytes.startswith(pf.CRF_MAGIC):
+            raise AdaInferError("crfsuite wrote an unexpected model file")
+        self._tensors, self._cached_weights = {}, None
+        return self
+
+    def _weights(self, source="crfsuite model") -> dict:
+        """Emission weights [F + 1, 2] (rows f0..f{F-1}, bias; columns stop, go) and transitions
+        [2, 2] (from, to), read from the crfsuite model once."""
+        if self._cached_weights is None:
+            import pycrfsuite
+
+            tagger = pycrfsuite.Tagger()
+            try:
+                tagger.open_inmemory(self.model_bytes)
+                info = tagger.info()
+            except Exception as error:  # noqa: BLE001  (crfsuite's own errors are not ours)
+                raise AdaInferError(f"{source}: corrupt crfsuite model ({type(error).__name__}: {error})") from None
+            finally:
+                tagger.close()
+            labels = [pf.STOP, pf.GO]
+            if sorted(info.labels) != sorted(labels):
+                raise AdaInferError(f"{source}: crfsuite model has labels {sorted(info.labels)}, expected {labels}")
+            names = [f"f{i}" for i in range(len(self.mean))] + ["bias"]
+            emission = torch.zeros(len(names), 2, dtype=torch.float64)
+            for (attribute, label), weight in info.state_features.items():
+                if attribute not in names:
+                    raise AdaInferError(f"{source}: crfsuite model reads attribute {attribute!r}; "
+                                        f"a policy's are {names[0]}..{names[-2]} and bias")
+                emission[names.index(attribute), labels.index(label)] = weight
+            transitions = torch.zeros(2, 2, dtype=torch.float64)
+            for (src, dst), weight in info.transitions.items():
+                transitions[labels.index(src), labels.index(dst)] = weight
+            self._cached_weights = {"emission": emission, "transitions": transitions}
+        return self._cached_weights
+
+    def _build_tensors(self):
+        weights = self._weights()
+        mean = torch.tensor(self.mean, dtype=torch.float64)
+        scale = torch.tensor(self.scale, dtype=torch.float64)
+        emission = weights["emission"][:-1]
+        # the scaler folded in: ((x - mean) / scale) @ W + b = x @ (W / scale) + (b - (mean / scale) @ W)
+        return {"emission": emission / scale[:, None], "bias": weights["emission"][-1] - (mean / scale) @ emission,
+                "transitions": weights["transitions"]}
+
+    def step(self, alpha, x):
+        t = self.tensors(x.device)
+        emission = torch.addmm(t["bias"], x.to(torch.float64), t["emission"])  # [rows, 2]
+        if alpha is not None:  # alpha_l(y) = logsumexp_y' (alpha_{l-1}(y') + transition(y', y)) + emission_l(y)
+            emission = emission + torch.logsumexp(alpha[:, :, None] + t["transitions"], dim=1)
+        alpha = torch.log_softmax(emission, dim=1)  # normalised: log P(label at l | layers seq_start..l)
+        return alpha, alpha[:, 0].exp()

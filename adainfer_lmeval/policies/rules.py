@@ -1,0 +1,83 @@
+"""Policies that need no training: full depth, a static exit layer, a confidence threshold."""
+
+from __future__ import annotations
+
+import torch
+
+from adainfer_lmeval.core.exit_policy import ExitPolicy, ModelIdentity
+from adainfer_lmeval.errors import AdaInferError
+from adainfer_lmeval.policies.registry import register_policy
+
+
+@register_policy("full")
+class FullDepth(ExitPolicy):
+    """Never exit: the full-depth baseline, through the same engine."""
+
+    def consults_at(self, layer: int, num_layers: int) -> bool:
+        return False
+
+    def decide(self, layer, num_layers, history):  # never called
+        raise AssertionError("full-depth policy is never consulted")
+
+    def describe(self) -> dict:
+        return {"name": self.name}
+
+
+@register_policy("static")
+class StaticLayer(ExitPolicy):
+    """Always stop after layer ``layer``: the logit lens at a fixed depth."""
+
+    params = {"layer": (int, "exit layer, 1..num_layers")}
+
+    def __init__(self, layer: int | None = None):
+        if layer is None:
+            raise AdaInferError("policy=static needs layer=K (1..num_layers), e.g. policy=static,layer=12")
+        if layer < 1:
+            raise AdaInferError(f"layer={layer} must be >= 1 (layer 0 is the embeddings)")
+        self.layer = layer
+        self.min_layer = layer
+
+    def consults_at(self, layer: int, num_layers: int) -> bool:
+        return layer == self.layer and layer < num_layers
+
+    def bind(self, model: ModelIdentity) -> None:
+        if not 1 <= self.layer <= model.num_layers:
+            raise AdaInferError(f"layer={self.layer} is outside 1..{model.num_layers} for this model")
+
+    def decide(self, layer, num_layers, history):
+        return torch.ones(history.shape[0], dtype=torch.bool, device=history.device)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "layer": self.layer}
+
+
+@register_policy("threshold")
+class ConfidenceThreshold(ExitPolicy):
+    """Stop at the first layer (>= min_layer) whose gap, or top prob, reaches the threshold."""
+
+    params = {
+        "gap": (float, "stop when p1 - p2 >= gap"),
+        "top_prob": (float, "stop when p1 >= top_prob"),
+        "min_layer": (int, "first layer that may exit (default 1)"),
+    }
+
+    def __init__(self, gap: float | None = None, top_prob: float | None = None, min_layer: int = 1):
+        if (gap is None) == (top_prob is None):
+            raise AdaInferError("policy=threshold needs exactly one of gap=τ or top_prob=τ, e.g. policy=threshold,gap=0.8")
+        threshold = gap if gap is not None else top_prob
+        if not 0.0 <= threshold <= 1.0:
+            raise AdaInferError(f"threshold {threshold} is outside 0..1 (it compares probabilities)")
+        if min_layer < 1:
+            raise AdaInferError(f"min_layer={min_layer} must be >= 1 (layer 0 is the embeddings)")
+        self.feature = "gap" if gap is not None else "p1"
+        self.features = (self.feature,)
+        self.threshold = float(threshold)
+        self.min_layer = int(min_layer)
+
+    def decide(self, layer, num_layers, history):
+        return history[:, layer, 0] >= self.threshold
+
+    def describe(self) -> dict:
+        key = "gap" if self.feature == "gap" else "top_prob"
+        return {"name": self.name, key: self.threshold, "min_layer": self.min_layer}
+
