@@ -18,16 +18,16 @@ from adainfer_lmeval.errors import AdaInferError
 
 LM_EVAL_TASK_COMMANDS = {"run", "ls", "validate"}
 # our subcommands -> the module whose main(argv) runs them
-SUBCOMMANDS = {
-    "models": "model_zoo",
-    "data": "offline_data",
-    "compare": "compare",
-    "suite": "suite",
-    "report": "report",
-    "check": "check",
-    "policy": "policy_cli",
-    "benchmark": "benchmark",
-    "study": "study",
+SUBCOMMANDS = {  # subcommand -> the module whose main(argv) runs it
+    "models": "offline.model_zoo",
+    "data": "offline.data",
+    "compare": "experiments.compare",
+    "suite": "experiments.suite",
+    "report": "reporting.report",
+    "check": "reporting.regression_check",
+    "policy": "cli.policy",
+    "benchmark": "experiments.benchmark",
+    "study": "experiments.study",
 }
 
 

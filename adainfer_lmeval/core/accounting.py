@@ -168,32 +168,3 @@ def summarize(records: list[ExitRecord]) -> dict:
     if per_token:
         summary["generated_tokens"] = len(per_token)
     return summary
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m adainfer_lmeval.core.accounting MODEL ...``: what one token costs per layer, per check.
-
-    Builds each model on the meta device (no weights read) and prints its cost model's ratios:
-    the full exit head at one position and one skipped layer's K/V fill, against one decoder
-    layer for one token (the generation step), from weight counts.
-    """
-    import sys
-
-    import torch
-    import transformers
-
-    from adainfer_lmeval.core.architectures import DecoderStack
-    from adainfer_lmeval.offline.model_zoo import resolve_pretrained
-
-    for name in (sys.argv[1:] if argv is None else argv):
-        config = transformers.AutoConfig.from_pretrained(resolve_pretrained(name))
-        with torch.device("meta"):
-            costs = CostModel.from_stack(DecoderStack(transformers.AutoModelForCausalLM.from_config(config)))
-        print(f"{name}: layers {costs.num_layers}, weights per layer {costs.layer_params:,}, head {costs.head_params:,} "
-              f"({costs.head_params / costs.layer_params:.1f}x a layer), K/V fill of a skipped layer {costs.kv_params:,} "
-              f"({100 * costs.kv_params / costs.layer_params:.1f}% of a layer)")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
