@@ -38,6 +38,24 @@ def truncate(context_enc: Sequence[int], continuation_enc: Sequence[int], max_le
     return tokens, decision
 
 
+def margin_offset(continuations: Sequence[Sequence[int]]) -> int:
+    """How many tokens past the decision position the options of one group first differ.
+
+    0 when their first tokens differ (or there are fewer than two distinct options); j when
+    they share their first j tokens. Where one option is a prefix of another they never differ
+    at a position both have, and the decision position (0) is used. Up to the decision position
+    plus j, every option's row holds the same tokens (see :mod:`adainfer_lmeval.core.options`).
+    """
+    distinct = {tuple(c) for c in continuations}
+    if len(distinct) < 2:
+        return 0
+    shortest = min(len(c) for c in distinct)
+    for j in range(shortest):
+        if len({c[j] for c in distinct}) > 1:
+            return j
+    return 0
+
+
 @dataclass
 class SharedRow:
     """One input row of the engine and the requests scored off it."""
