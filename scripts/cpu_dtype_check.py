@@ -29,7 +29,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from adainfer_lmeval.offline.model_zoo import resolve_pretrained
+    from adainfer_lmeval.offline.models.fetch import resolve_pretrained
 
     folder = resolve_pretrained(a.model)
     ids = torch.randint(100, 20000, (1, a.tokens), generator=torch.Generator().manual_seed(0))

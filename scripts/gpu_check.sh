@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issue 16 (adainfer_lmeval/experiments/gpu_check.py): parity in fp32/bf16 on tiny models,
+# The GPU check of issue 16 (adainfer_lmeval/experiments/gpu_check.py, parts in experiments/gpu/): parity in fp32/bf16 on tiny models,
 # then wall-clock of early exit on random-weight Llama-3.2-1B- and Llama-2-7B-shaped models.
 #
 #   bash scripts/gpu_check.sh prepare   # HERE (PyPI reachable): the wheels the GPU machine lacks into .whl/ (ignored)

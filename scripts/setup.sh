@@ -34,7 +34,18 @@ if ! python -c "import sys, pytest; sys.exit('adainfer_lmeval.adapter.startup_ho
   python -m pip install -q -c "$constraints" -e ".[test]"
 fi
 
-echo "[setup] model: smollm2-135m"
+# The model and the data side by side: each is mostly one core's work (GGUF parsing and
+# dequantizing; unzipping and writing arrow files), and neither reads what the other writes.
+echo "[setup] model (smollm2-135m) and benchmark data, side by side"
+data_log=$(mktemp)
+adainfer-eval data fetch >"$data_log" 2>&1 &
+data_pid=$!
+trap 'kill "$data_pid" 2>/dev/null || true; rm -f "$data_log"' EXIT
 adainfer-eval models fetch smollm2-135m
-echo "[setup] benchmark data"
-adainfer-eval data fetch
+data_status=0
+wait "$data_pid" || data_status=$?
+cat "$data_log"
+if [ "$data_status" -ne 0 ]; then
+  echo "[setup] error: the benchmark data fetch failed (its output is above)" >&2
+  exit 1
+fi

@@ -17,10 +17,9 @@ import adainfer_lmeval  # noqa: F401  (registers the model)
 from adainfer_lmeval.cli import main as cli
 from adainfer_lmeval.core.accounting import ExitRecord
 from adainfer_lmeval.errors import AdaInferError
-from adainfer_lmeval.adapter.backend import (
-    AdaInferLM, GeneratedText, ScoredContinuation, ScoredFloat, check_model_args, parse_model_args,
-    split_model_args,
-)
+from adainfer_lmeval.adapter.backend import AdaInferLM
+from adainfer_lmeval.adapter.model_args import check_model_args, parse_model_args, split_model_args
+from adainfer_lmeval.adapter.responses import GeneratedText, ScoredContinuation, ScoredFloat
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny_sentiment.jsonl"
 CONTEXTS = ["the quick brown fox jumps over", "question : what is the answer ? answer :", "a film that is great ,"]

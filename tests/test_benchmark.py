@@ -8,7 +8,11 @@ import pytest
 import torch
 import transformers as tf
 
-from adainfer_lmeval.experiments import benchmark as bm
+from adainfer_lmeval.experiments import benchmark
+from adainfer_lmeval.experiments.bench.report import COLUMNS, format_tables, table_rows, write_report
+from adainfer_lmeval.experiments.bench.requests import synthetic_requests
+from adainfer_lmeval.experiments.bench.runs import benchmark_model
+from adainfer_lmeval.experiments.bench.variants import Variant, variants_for
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +33,9 @@ def one_thread():
 
 def test_benchmark_table_on_tiny_model(tiny, tmp_path, one_thread):
     model, tokenizer = tiny
-    requests = bm.synthetic_requests(tokenizer, n_docs=3, choices=2)
-    variants = [bm.Variant("hf"), bm.Variant("full"), bm.Variant("threshold", {"gap": 0.1, "min_layer": 2})]
-    res = bm.benchmark_model("tiny-llama", model, tokenizer, requests, variants, batch_sizes=[1, 4], repeats=2,
+    requests = synthetic_requests(tokenizer, n_docs=3, choices=2)
+    variants = [Variant("hf"), Variant("full"), Variant("threshold", {"gap": 0.1, "min_layer": 2})]
+    res = benchmark_model("tiny-llama", model, tokenizer, requests, variants, batch_sizes=[1, 4], repeats=2,
                              decision_tokens=16, min_run_time=0.01, log=lambda *_: None)
 
     rows = res["rows"]
@@ -59,30 +63,32 @@ def test_benchmark_table_on_tiny_model(tiny, tmp_path, one_thread):
     full_breakdown = res["breakdown"]["full@1"]
     assert full_breakdown["calls"]["checks"] == 0 and full_breakdown["calls"]["layer_calls"] > 0
 
-    table = bm.table_rows([res])
-    assert len(table) == 6 and all(len(row) == len(bm.COLUMNS) for row in table)
+    table = table_rows([res])
+    assert len(table) == 6 and all(len(row) == len(COLUMNS) for row in table)
     full_rows = [row for row in table if row[2] == "full"]
-    assert all(row[bm.COLUMNS.index("ideal speedup")] == "1.00" for row in full_rows)
-    text = bm.format_tables([res])
-    for column in bm.COLUMNS:
+    assert all(row[COLUMNS.index("ideal speedup")] == "1.00" for row in full_rows)
+    text = format_tables([res])
+    for column in COLUMNS:
         assert column in text
 
-    payload = {"environment": bm.environment(),
+    payload = {"environment": benchmark.environment(["--models", "tiny-llama"]),
                "machine_state": {"quiet": True, "quiet_throughout": False, "waited_s": 0.0, "load_at_start": 0.5,
                                  "max_load": 1.0},
                "requests_per_task": {"tiny": len(requests)}, "batch_sizes": [1, 4], "repeats": 2, "results": [res]}
-    bm.write_report(tmp_path, payload)
+    write_report(tmp_path, payload)
     assert json.loads((tmp_path / "benchmark.json").read_text())["results"][0]["model"] == "tiny-llama"
-    assert "TAKEN UNDER LOAD" in (tmp_path / "benchmark.md").read_text()
+    markdown = (tmp_path / "benchmark.md").read_text()
+    assert "TAKEN UNDER LOAD" in markdown
+    assert "-m adainfer_lmeval.experiments.benchmark --models tiny-llama`" in markdown  # the arguments given, not pytest's
 
 
 def test_variants_skip_missing_svm(tmp_path, monkeypatch):
     monkeypatch.setenv("ADAINFER_POLICIES", str(tmp_path))  # no shipped policies here
     messages = []
-    labels = [v.label for v in bm.variants_for("smollm2-135m", log=messages.append)]
+    labels = [v.label for v in variants_for("smollm2-135m", log=messages.append)]
     assert labels == ["hf", "full", "threshold(gap=0.6,min_layer=20)", "threshold(gap=0.6,min_layer=20,check_vocab=64)",
                       "threshold(gap=0.6,min_layer=20,check_vocab=64,check_clusters=256)"]
-    labels = [v.label for v in bm.variants_for("smollm2-135m", log=messages.append, check_clusters=0)]
+    labels = [v.label for v in variants_for("smollm2-135m", log=messages.append, check_clusters=0)]
     assert labels[-1] == "threshold(gap=0.6,min_layer=20,check_vocab=64)"
     assert messages and "svm" in messages[0]
 
@@ -90,11 +96,11 @@ def test_variants_skip_missing_svm(tmp_path, monkeypatch):
 def test_cheap_check_variants_are_timed_counted_and_compared(tiny, one_thread, tmp_path, monkeypatch):
     monkeypatch.setenv("ADAINFER_CACHE", str(tmp_path))
     model, tokenizer = tiny
-    requests = bm.synthetic_requests(tokenizer, n_docs=2, choices=2)
-    plain = bm.Variant("threshold", {"gap": 0.1, "min_layer": 1})
-    pruned = bm.Variant("threshold", {"gap": 0.1, "min_layer": 1, "check_vocab": 8})
-    picked = bm.Variant("threshold", {"gap": 0.1, "min_layer": 1, "check_vocab": 8, "check_clusters": 16})
-    res = bm.benchmark_model("tiny-llama", model, tokenizer, requests, [bm.Variant("full"), plain, pruned, picked],
+    requests = synthetic_requests(tokenizer, n_docs=2, choices=2)
+    plain = Variant("threshold", {"gap": 0.1, "min_layer": 1})
+    pruned = Variant("threshold", {"gap": 0.1, "min_layer": 1, "check_vocab": 8})
+    picked = Variant("threshold", {"gap": 0.1, "min_layer": 1, "check_vocab": 8, "check_clusters": 16})
+    res = benchmark_model("tiny-llama", model, tokenizer, requests, [Variant("full"), plain, pruned, picked],
                              batch_sizes=[2], repeats=1, decision_tokens=16, min_run_time=0.01, log=lambda *_: None,
                              check_vocab=8)
     rows = {r["variant"]: r for r in res["rows"]}
@@ -107,4 +113,4 @@ def test_cheap_check_variants_are_timed_counted_and_compared(tiny, one_thread, t
     assert recall["clusters"] == 16 and recall["pick_ms"] > 0
     assert recall["first_layer"] == 1 and recall["checks"] == recall["contexts"] * 3  # layers 1..L-1 of 4
     assert 0.0 <= recall["top1_recall"] <= 1.0 and recall["mean_head_rows"] > 16
-    assert "top-1 recall" in bm.format_tables([res])
+    assert "top-1 recall" in format_tables([res])

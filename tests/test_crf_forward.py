@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from adainfer_lmeval.paths import shipped_dir
-from adainfer_lmeval.policies import learned as lp
+from adainfer_lmeval.policies.learned.base import LearnedPolicy, read_policy
+from adainfer_lmeval.policies.learned.crf import CrfKind, crf_item
 from adainfer_lmeval.policies import files as policy_files
 from adainfer_lmeval.policies import ModelIdentity, build_policy
 
@@ -42,7 +43,7 @@ def crfsuite_prefix_marginals(model_bytes: bytes, meta: dict, x: torch.Tensor) -
     out = np.zeros(x.shape[:2])
     for r in range(x.shape[0]):
         for t in range(x.shape[1]):
-            tagger.set([lp.crf_item(v) for v in z[r, : t + 1]])
+            tagger.set([crf_item(v) for v in z[r, : t + 1]])
             out[r, t] = tagger.marginal("stop", t)
     tagger.close()
     return out
@@ -58,7 +59,7 @@ def old_svm_scores(meta: dict, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("model", MODELS)
 def test_forward_marginals_equal_crfsuite_on_shipped_crfs(model):
     path = SHIPPED / model / "crf.json"
-    kind, meta = lp.read_policy(path)
+    kind, meta = read_policy(path)
     crf = kind.from_dict(meta, path)
     x = random_features(meta, rows=6, layers=meta["model"]["num_layers"] - 1, seed=1)
     ours = crf.decision_function(x).numpy()
@@ -72,7 +73,7 @@ def test_forward_marginals_equal_crfsuite_on_a_fresh_crf():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(40, 9, 3))
     y = (x[:, :, 0] + 0.5 * np.cumsum(x[:, :, 1], 1) > 0.3)
-    crf = lp.CrfKind().fit(x, y, max_iterations=50)
+    crf = CrfKind().fit(x, y, max_iterations=50)
     meta = crf.to_dict()
     weights = crf.tensors("cpu")
     assert weights["transitions"].abs().sum() > 0 and weights["emission"].abs().sum() > 0
@@ -119,7 +120,7 @@ def old_exits(kind: str, meta: dict, path: Path, x: torch.Tensor, num_layers: in
 @pytest.mark.parametrize("model", MODELS)
 def test_shipped_policies_decide_as_before(model, kind):
     path = SHIPPED / model / f"{kind}.json"
-    meta = lp.read_policy(path)[1]
+    meta = read_policy(path)[1]
     num_layers = meta["model"]["num_layers"]
     identity = ModelIdentity(**{k: meta["model"][k] for k in ("name", "model_type", "num_layers", "hidden_size",
                                                               "vocab_size")})
@@ -148,7 +149,7 @@ def test_decide_builds_no_tensors_from_lists(monkeypatch):
     model = MODELS[0]
     for kind in ("svm", "crf"):
         path = SHIPPED / model / f"{kind}.json"
-        meta = lp.read_policy(path)[1]
+        meta = read_policy(path)[1]
         policy = build_policy(kind, {"path": str(path), "min_layer": 1})
         num_layers = meta["model"]["num_layers"]
         x = random_features(meta, rows=4, layers=num_layers - 1, seed=3)
@@ -176,7 +177,7 @@ def tiny_crf_policy_file(model, rows, tmp_path: Path, quantile: float) -> Path:
     views = [view.features.double() for view in engine.trace(batch)][: ident.num_layers - 1]
     x = torch.stack(views, 1).numpy()  # [rows, L-1, F]
     p1 = x[:, :, FEATURE_NAMES.index("p1")]
-    crf = lp.CrfKind().fit(x, p1 > np.median(p1), max_iterations=50)
+    crf = CrfKind().fit(x, p1 > np.median(p1), max_iterations=50)
     threshold = float(np.quantile(crf.decision_function(torch.from_numpy(x)).numpy(), quantile))
     meta = {"format": policy_files.FORMAT, "format_version": policy_files.FORMAT_VERSION, "kind": "crf",
             "model": {k: getattr(ident, k) for k in ("name", "model_type", "num_layers", "hidden_size", "vocab_size")},
@@ -203,7 +204,7 @@ def test_the_carried_chain_equals_a_restarted_one_in_the_engine_and_generation(t
         gen = EarlyExitGenerator(engine).generate(ids, torch.ones_like(ids), 4, pad_token_id=0)
         return list(out.exit_layers), gen.exit_layers, gen.sequences
 
-    decide = lp.LearnedPolicy.decide
+    decide = LearnedPolicy.decide
 
     def recording(states):
         def wrapped(self, layer, num_layers, history):
@@ -214,10 +215,10 @@ def test_the_carried_chain_equals_a_restarted_one_in_the_engine_and_generation(t
 
     carried_states, restarted_states = [], []
     with monkeypatch.context() as m:
-        m.setattr(lp.LearnedPolicy, "decide", recording(carried_states))
+        m.setattr(LearnedPolicy, "decide", recording(carried_states))
         carried = run()
-        m.setattr(lp.LearnedPolicy, "decide", recording(restarted_states))
-        m.setattr(lp.LearnedPolicy, "_carried", lambda self, layer, rows: None)  # always restart from the history
+        m.setattr(LearnedPolicy, "decide", recording(restarted_states))
+        m.setattr(LearnedPolicy, "_carried", lambda self, layer, rows: None)  # always restart from the history
         restarted = run()
     assert len(set(carried[0])) > 1  # rows leave at different layers
     assert carried[0] == restarted[0] and carried[1] == restarted[1] and torch.equal(carried[2], restarted[2])

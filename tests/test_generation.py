@@ -205,9 +205,9 @@ def test_pruned_vocabulary_checks_while_generating(tiny_models):
 
 
 def test_cost_ratios_command(tiny_model_dirs, tiny_models, capsys):
-    from adainfer_lmeval.core import accounting as accounting
+    from adainfer_lmeval.experiments import costs
 
-    assert accounting.main([str(tiny_model_dirs["llama"])]) == 0
+    assert costs.main([str(tiny_model_dirs["llama"])]) == 0
     stack = DecoderStack(tiny_models["llama"])
     out = capsys.readouterr().out
     assert f"head {stack.head_matmul_params():,} ({stack.head_matmul_params() / stack.layer_matmul_params():.1f}x a layer)" in out

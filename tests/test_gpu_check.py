@@ -14,7 +14,10 @@ import statistics
 import pytest
 import torch
 
-from adainfer_lmeval.experiments import gpu_check as gpu_check
+from adainfer_lmeval.experiments import gpu_check
+from adainfer_lmeval.experiments.gpu import parity
+from adainfer_lmeval.experiments.gpu.runners import CHECK_VOCAB, SHAPES, RowDrawnExits
+from adainfer_lmeval.experiments.gpu.tiny_models import DTYPES, random_rows, tiny_model, tiny_tokenizer
 from adainfer_lmeval.core.architectures import DecoderStack
 from adainfer_lmeval.core.engine import EarlyExitEngine, ExitBatch
 
@@ -56,10 +59,10 @@ def test_smoke_timing_rows_have_the_right_structure(smoke_report):
     _, report, markdown, _ = smoke_report
     timing = report["timing"]["smoke"]
     layers = timing["num_layers"]
-    assert layers == gpu_check.SHAPES["smoke"]["num_hidden_layers"] and timing["params"] > 0
+    assert layers == SHAPES["smoke"]["num_hidden_layers"] and timing["params"] > 0
     rows = timing["loglikelihood"]
     variants = ["hf", "full", f"static(layer={layers // 2})", f"mixed({layers // 4}..{layers})",
-                f"mixed({layers // 4}..{layers})+checks(K={gpu_check.CHECK_VOCAB})"]
+                f"mixed({layers // 4}..{layers})+checks(K={CHECK_VOCAB})"]
     assert [(r["batch"], r["variant"]) for r in rows] == [(b, v) for b in (1, 4) for v in variants]
     times = {(r["batch"], r["variant"]): r["times_s"] for r in rows}
     for r in rows:
@@ -105,28 +108,28 @@ def test_smoke_timing_rows_have_the_right_structure(smoke_report):
 
 @pytest.fixture(scope="module")
 def tiny():
-    tokenizer = gpu_check.tiny_tokenizer()
-    return tokenizer, gpu_check._rows(0, 4, len(tokenizer))
+    tokenizer = tiny_tokenizer()
+    return tokenizer, random_rows(0, 4, len(tokenizer))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_parity_checks_fail_when_the_engine_is_off(tiny, monkeypatch, dtype):
     tokenizer, rows = tiny
-    model = gpu_check.tiny_model("llama", len(tokenizer), gpu_check.DTYPES[dtype], "cpu")
-    atol, rtol = gpu_check.TOLERANCE[dtype]
-    good = gpu_check.parity_full_vs_forward(model, rows, atol, rtol)
+    model = tiny_model("llama", len(tokenizer), DTYPES[dtype], "cpu")
+    atol, rtol = parity.TOLERANCE[dtype]
+    good = parity.parity_full_vs_forward(model, rows, atol, rtol)
     assert good["passed"] and good["max_abs_diff"] <= (1e-4 if dtype == "float32" else 0.5)
-    assert gpu_check.parity_static_vs_lens(model, rows, atol, rtol)["passed"]
+    assert parity.parity_static_vs_lens(model, rows, atol, rtol)["passed"]
 
     # Each layer of the engine 5% off (the model's own forward untouched): beyond bf16's noise too.
     run_layer = DecoderStack.run_layer
     monkeypatch.setattr(DecoderStack, "run_layer", lambda self, *a, **kw: run_layer(self, *a, **kw) * 1.05)
-    bad = gpu_check.parity_full_vs_forward(model, rows, atol, rtol)
+    bad = parity.parity_full_vs_forward(model, rows, atol, rtol)
     assert not bad["passed"] and bad["max_abs_diff"] > good["max_abs_diff"]
-    assert not gpu_check.parity_static_vs_lens(model, rows, atol, rtol)["passed"]
+    assert not parity.parity_static_vs_lens(model, rows, atol, rtol)["passed"]
     # Greedy tokens shrug off small errors (RMSNorm undoes a scale): scramble the layers' output.
     monkeypatch.setattr(DecoderStack, "run_layer", lambda self, *a, **kw: run_layer(self, *a, **kw).roll(1, dims=-1))
-    generation = gpu_check.parity_generation(model, atol, rtol)
+    generation = parity.parity_generation(model, atol, rtol)
     assert not generation["passed"] and "NOT a tie" in generation["detail"]
 
 
@@ -135,19 +138,19 @@ def test_generation_agreement_tells_a_tie_from_a_bug():
         sequences = torch.tensor([[5, 1, 2, 3]])
         logits = (torch.tensor([[0.0, 1.0, 1.0, 0.0]]), torch.tensor([[0.0, 0.0, 3.0, 0.5]]), torch.zeros(1, 4))
 
-    same = gpu_check.generation_agreement(torch.tensor([[5, 1, 2, 3]]), Reference, 1, 1e-4, 1e-4)
+    same = parity.generation_agreement(torch.tensor([[5, 1, 2, 3]]), Reference, 1, 1e-4, 1e-4)
     assert same["passed"] and same["max_abs_diff"] == 0.0
-    tie = gpu_check.generation_agreement(torch.tensor([[5, 2, 0, 0]]), Reference, 1, 1e-4, 1e-4)  # logits 1.0 vs 1.0
+    tie = parity.generation_agreement(torch.tensor([[5, 2, 0, 0]]), Reference, 1, 1e-4, 1e-4)  # logits 1.0 vs 1.0
     assert tie["passed"] and "step 0" in tie["detail"]
-    wrong = gpu_check.generation_agreement(torch.tensor([[5, 1, 3, 3]]), Reference, 1, 1e-4, 1e-4)  # 3.0 vs 0.5
+    wrong = parity.generation_agreement(torch.tensor([[5, 1, 3, 3]]), Reference, 1, 1e-4, 1e-4)  # 3.0 vs 0.5
     assert not wrong["passed"] and wrong["max_abs_diff"] == pytest.approx(2.5)
 
 
 def test_row_drawn_exits_spread_rows_and_repeat_after_reset(tiny):
     tokenizer, _ = tiny
-    model = gpu_check.tiny_model("llama", len(tokenizer), torch.float32, "cpu")
-    rows = gpu_check._rows(1, 32, len(tokenizer))
-    policy = gpu_check.RowDrawnExits(1)
+    model = tiny_model("llama", len(tokenizer), torch.float32, "cpu")
+    rows = random_rows(1, 32, len(tokenizer))
+    policy = RowDrawnExits(1)
     engine = EarlyExitEngine(model, policy)
     batch = ExitBatch.from_rows(rows, [len(r) - 1 for r in rows])
     first = engine.run(batch).exit_layers

@@ -12,7 +12,7 @@ from adainfer_lmeval.core.engine import EarlyExitEngine, ExitBatch
 from adainfer_lmeval.errors import AdaInferError
 from adainfer_lmeval.core.generation import EarlyExitGenerator
 from adainfer_lmeval.core.head_clusters import HeadClusters, kmeans
-from adainfer_lmeval.adapter.backend import split_model_args
+from adainfer_lmeval.adapter.model_args import split_model_args
 from adainfer_lmeval.policies import build_policy
 from conftest import ARCHITECTURES
 from test_engine import Recorder, _rows

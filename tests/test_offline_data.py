@@ -12,14 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from adainfer_lmeval.offline import data as od
+from adainfer_lmeval import paths
+from adainfer_lmeval.offline.data import catalogue, rows
+from adainfer_lmeval.offline.data.availability import DataMissingError, check_tasks_available, data_status
+from adainfer_lmeval.offline.data.cli import main as data_main
+from adainfer_lmeval.offline.data.fetch import fetch_data
+from adainfer_lmeval.offline.environment import configure_offline_environment, hf_datasets_cache
 
-od.configure_offline_environment()
+configure_offline_environment()
 
 import datasets  # noqa: E402  (after the offline switches)
 import datasets.config  # noqa: E402
 
-LM_EVAL_TASKS = od._lm_eval_tasks_folder()
+LM_EVAL_TASKS = paths.lm_eval_tasks_folder()
 
 OFFICIAL_ROWS = {
     "sst2": 872,
@@ -58,6 +63,52 @@ def _load_yaml(path: Path) -> dict:
 # --------------------------------------------------------------------------- no data needed
 
 
+def test_every_benchmark_declares_what_fetch_and_the_checks_need():
+    """One Benchmark entry is all a task takes: its splits' sources, converter and tasks."""
+    names = [task.name for benchmark in catalogue.BENCHMARKS for task in benchmark.tasks]
+    assert len(names) == len(set(names)) and list(catalogue.TASKS) == (
+        [n for n in names if catalogue.TASKS[n].kind != "train"] + [n for n in names if catalogue.TASKS[n].kind == "train"]
+    )
+    for benchmark in catalogue.BENCHMARKS:
+        sources = benchmark.splits.values()
+        if any(isinstance(source, catalogue.Requests) for source in sources):
+            assert benchmark.rows is not None, benchmark.repo_id
+        if not any(isinstance(source, catalogue.Saved) for source in sources):
+            assert benchmark.features is not None, benchmark.repo_id
+        for task in benchmark.tasks:
+            assert set(task.splits) <= set(benchmark.splits), task.name
+    assert catalogue.TASKS["mmlu_dev_val"].expected == 1531 + 285
+    assert catalogue.TASKS["arc_easy"].needs == ((catalogue.TASKS["arc_easy_train"].needs[0][0], "test"),
+                                                 *catalogue.TASKS["arc_easy_train"].needs)
+
+
+def test_groups_subtasks_and_variants_need_their_members_data():
+    find = catalogue.find_task
+    assert find("ai2_arc").needs == catalogue.TASKS["arc_easy"].needs + catalogue.TASKS["arc_challenge"].needs
+    train = [name for name, task in catalogue.TASKS.items() if task.eval_split == catalogue.TRAIN]
+    assert len(train) == 7 and find("adainfer_train").needs == tuple(
+        pair for name in train for pair in catalogue.TASKS[name].needs)
+    anatomy = [(config.key, split) for config, split in find("mmlu_val_anatomy").needs]
+    assert anatomy == [("cais/mmlu:anatomy", "validation"), ("cais/mmlu:anatomy", "dev")]
+    assert [s for _, s in find("mmlu_dev_anatomy").needs] == ["dev"]
+    assert find("mmlu_stem").needs == find("mmlu_flan_n_shot").needs == catalogue.TASKS["mmlu"].needs
+    assert find("winogrande") is None and find("arc_easy_ARC-Easy") is None
+
+
+def test_request_docs_become_hub_rows():
+    doc = {"id": "q7", "query": "Question: Which one is red?\nAnswer:", "choices": ["sky", "apple", "grass"], "gold": 1}
+    assert rows.lettered_choices("question_stem")(doc) == {
+        "id": "q7", "question_stem": "Which one is red?",
+        "choices": {"text": ["sky", "apple", "grass"], "label": ["A", "B", "C"]}, "answerKey": "B",
+    }
+    assert rows.lettered_choices("question", question_concept="")(doc)["question_concept"] == ""
+    with pytest.raises(Exception, match="unexpected request query form"):
+        rows.lettered_choices("question")({**doc, "query": "Which one is red?"})
+    boolq = {"query": "Water is wet.\nQuestion: is water wet?\nAnswer:", "choices": ["yes", "no"], "gold": 1, "idx": 3}
+    assert rows.boolq(boolq) == {"question": "is water wet", "passage": "Water is wet.", "idx": 3, "label": 0}
+    assert rows.lambada({"query": "He opened the", "answers_text": ["door"]}) == {"text": "He opened the door"}
+
+
 def test_offline_switches_are_set_even_after_import(monkeypatch):
     import huggingface_hub.constants as hub_constants
 
@@ -65,19 +116,19 @@ def test_offline_switches_are_set_even_after_import(monkeypatch):
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
-    od.configure_offline_environment()
+    configure_offline_environment()
     assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["HF_DATASETS_OFFLINE"] == "1"
     assert hub_constants.HF_HUB_OFFLINE is True
     assert datasets.config.HF_HUB_OFFLINE is True
 
 
 def test_tasks_dir_links_lm_eval_and_every_yaml_resolves():
-    folder = od.tasks_dir()
-    assert folder == Path(od.__file__).resolve().parents[2] / "tasks"
-    link = folder / od.LM_EVAL_LINK
+    folder = paths.tasks_dir()
+    assert folder == Path(paths.__file__).resolve().parents[1] / "tasks"
+    link = folder / paths.LM_EVAL_LINK
     assert link.is_symlink() and link.resolve() == LM_EVAL_TASKS.resolve()
     yamls = sorted(folder.glob("**/*.yaml"))  # as lm-eval's indexer walks: not into the link
-    assert yamls and not any(od.LM_EVAL_LINK in p.parts for p in yamls)
+    assert yamls and not any(paths.LM_EVAL_LINK in p.parts for p in yamls)
     for path in yamls:
         config = _load_yaml(path)  # raises if an include does not resolve
         assert "task" in config or "group" in config, path
@@ -87,19 +138,19 @@ def test_task_configs_only_change_data_source_and_split():
     """Configs in tasks/ include lm-eval's YAML; no prompt key is redefined."""
     allowed = {"task", "tag", "training_split", "test_split", "fewshot_split", "dataset_name"}
     checked = 0
-    for path in sorted(od.tasks_dir().glob("**/*.yaml")):
+    for path in sorted(paths.tasks_dir().glob("**/*.yaml")):
         own = _load_yaml_flat(path)
         if "group" in own or own.get("task") in NEW_TASKS:
             continue
         assert "include" in own, path
         assert set(own) - {"include"} <= allowed, (path, set(own) - allowed)
         checked += 1
-    assert checked == 4 + len(TRAIN_ROWS) + 2 * len(od.MMLU_SUBJECTS)
+    assert checked == 4 + len(TRAIN_ROWS) + 2 * len(catalogue.MMLU_SUBJECTS)
 
 
 def test_generative_lambada_keeps_lm_evals_documents_and_context():
     """lambada_openai_gen is a new task: lm-eval's data and context, the last word generated."""
-    own = _load_yaml(od.tasks_dir() / "generative" / "lambada_openai_gen.yaml")
+    own = _load_yaml(paths.tasks_dir() / "generative" / "lambada_openai_gen.yaml")
     upstream = _load_yaml(LM_EVAL_TASKS / "lambada" / "lambada_openai.yaml")
     for key in ("dataset_path", "dataset_name", "test_split", "doc_to_text"):
         assert own[key] == upstream[key]
@@ -107,8 +158,8 @@ def test_generative_lambada_keeps_lm_evals_documents_and_context():
 
 
 def test_triviaqa_without_its_split_is_refused_in_one_line():
-    with pytest.raises(od.DataMissingError, match="use triviaqa_wiki"):
-        od.check_tasks_available(["triviaqa"])
+    with pytest.raises(DataMissingError, match="use triviaqa_wiki"):
+        check_tasks_available(["triviaqa"])
 
 
 def _load_yaml_flat(path: Path) -> dict:
@@ -118,7 +169,7 @@ def _load_yaml_flat(path: Path) -> dict:
 
 
 def test_sst2_override_keeps_lm_eval_prompt():
-    own = _load_yaml(od.tasks_dir() / "sst2" / "sst2.yaml")
+    own = _load_yaml(paths.tasks_dir() / "sst2" / "sst2.yaml")
     upstream = _load_yaml(LM_EVAL_TASKS / "glue" / "sst2" / "default.yaml")
     changed = {k for k in set(own) | set(upstream) if own.get(k) != upstream.get(k)}
     assert changed == {"training_split", "tag"}
@@ -127,16 +178,16 @@ def test_sst2_override_keeps_lm_eval_prompt():
 def test_missing_data_gives_one_line_naming_the_fix(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "empty")
     for names in (["sst2"], ["mmlu", "arc_easy"], "boolq,piqa", ["mmlu_val_anatomy"], ["ai2_arc"]):
-        with pytest.raises(od.DataMissingError) as caught:
-            od.check_tasks_available(names)
+        with pytest.raises(DataMissingError) as caught:
+            check_tasks_available(names)
         message = str(caught.value)
         assert "\n" not in message and "`adainfer-eval data fetch`" in message, message
         assert str(tmp_path / "empty") in message
-    with pytest.raises(od.DataMissingError, match="sciq_val") as caught:
-        od.check_tasks_available(["sciq"])
+    with pytest.raises(DataMissingError, match="sciq_val") as caught:
+        check_tasks_available(["sciq"])
     assert "\n" not in str(caught.value)
-    od.check_tasks_available(["some_task_we_do_not_serve"])  # not ours: not checked
-    assert all(not row["present"] for row in od.data_status())
+    check_tasks_available(["some_task_we_do_not_serve"])  # not ours: not checked
+    assert all(not row["present"] for row in data_status())
 
 
 # --------------------------------------------------------------------------- real data
@@ -144,14 +195,14 @@ def test_missing_data_gives_one_line_naming_the_fix(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def fetched():
-    return od.fetch_data()
+    return fetch_data()
 
 
 @pytest.fixture(scope="module")
 def task_manager(fetched):
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(od.tasks_dir()))
+    return TaskManager(include_path=str(paths.tasks_dir()))
 
 
 def _task(task_manager, name):
@@ -160,14 +211,14 @@ def _task(task_manager, name):
 
 @pytest.mark.real
 def test_everything_present_after_fetch(fetched, capsys):
-    assert fetched == od.hf_datasets_cache()
-    od.check_tasks_available(list(od.TASKS))
-    rows = {row["task"]: row for row in od.data_status()}
+    assert fetched == hf_datasets_cache()
+    check_tasks_available(list(catalogue.TASKS))
+    rows = {row["task"]: row for row in data_status()}
     for name, row in rows.items():
         assert row["present"] and row["rows"] == row["expected"], row
-    assert od.main(["fetch"]) == 0  # idempotent: nothing rebuilt
+    assert data_main(["fetch"]) == 0  # idempotent: nothing rebuilt
     assert "nothing to do" in capsys.readouterr().out
-    assert od.main(["list"]) == 0
+    assert data_main(["list"]) == 0
     assert "missing" not in capsys.readouterr().out
 
 
@@ -254,12 +305,12 @@ def test_mmlu_dev_val_groups(task_manager):
 def test_no_train_fetch_into_fresh_cache(fetched, tmp_path, monkeypatch, capsys):
     """--no-train writes evaluation splits only; train tasks then fail with one line."""
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")
-    assert od.main(["fetch", "--no-train"]) == 0
+    assert data_main(["fetch", "--no-train"]) == 0
     out = capsys.readouterr().out
     assert "sst2: validation 872" in out and not re.search(r"\btrain [0-9]", out), out
-    od.check_tasks_available(["sst2", "mmlu", "mmlu_dev_val", "sciq_val"])
-    with pytest.raises(od.DataMissingError, match=r"\(without --no-train\)$"):
-        od.check_tasks_available(["arc_easy", "boolq_train"])
+    check_tasks_available(["sst2", "mmlu", "mmlu_dev_val", "sciq_val"])
+    with pytest.raises(DataMissingError, match=r"\(without --no-train\)$"):
+        check_tasks_available(["arc_easy", "boolq_train"])
     assert datasets.load_dataset("nyu-mll/glue", "sst2", split="validation").num_rows == 872
-    od.fetch_data(include_train=False)
+    fetch_data(include_train=False)
     assert "nothing to do" in capsys.readouterr().out

@@ -106,7 +106,7 @@ heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "lm_eval",
 import adainfer_lmeval
 from adainfer_lmeval.policies.files import read_policy_json, shipped_path
 from adainfer_lmeval.policies import learned as learned_policies  # registers policy=svm
-from adainfer_lmeval.offline.data import tasks_dir
+from adainfer_lmeval.paths import tasks_dir
 from adainfer_lmeval.policies import ModelIdentity, build_policy
 from lm_eval.tasks import TaskManager
 

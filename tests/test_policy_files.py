@@ -1,8 +1,8 @@
 """Policy files can't crash the process: crafted crfsuite models, odd paths, bad numbers.
 
 Every bad file is refused with a one-line AdaInferError. crfsuite trusts the sizes and offsets
-in its model file, so a crafted one (right magic, matching sha256 in its JSON) used to kill the
-process with a segfault; here each is made from the shipped SmolLM2 CRF.
+in its model file, so a crafted one (right magic, matching sha256 in its JSON) would kill the
+process with a segfault if it reached crfsuite; here each is made from the shipped SmolLM2 CRF.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ import pytest
 import torch
 
 from adainfer_lmeval.paths import shipped_dir
-from adainfer_lmeval.policies import learned as lp
+from adainfer_lmeval.policies import crfsuite_check
+from adainfer_lmeval.policies.learned.crf import CrfKind
+from adainfer_lmeval.policies.learned.svm import SvmKind
 from adainfer_lmeval.cli import policy as policy_cli
 from adainfer_lmeval.policies import files as policy_files
 from adainfer_lmeval.errors import AdaInferError
@@ -81,19 +83,19 @@ def one_line_refusal(fn, match: str) -> str:
 
 
 def test_the_shipped_crf_loads_and_its_child_check_runs_once(crf_dir, monkeypatch):
-    policy = lp.CrfKind.policy(path=str(crf_dir / "crf.json"))
+    policy = CrfKind.policy(path=str(crf_dir / "crf.json"))
     p = policy.estimator.decision_function(torch.zeros(1, 3, len(policy.features)))
     assert ((0.0 <= p) & (p <= 1.0)).all()
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("a model checked once is not checked again"))
-    lp.CrfKind.policy(path=str(crf_dir / "crf.json"))
+    CrfKind.policy(path=str(crf_dir / "crf.json"))
 
 
 def test_a_segfaulting_crfsuite_file_is_refused_and_the_process_survives(crf_dir):
-    """The issue's case: right magic, matching sha256, truncated body: rc 139 before."""
+    """Right magic, matching sha256, truncated body: crfsuite would segfault (rc 139) on it."""
     data = (crf_dir / "crf.crfsuite").read_bytes()
     path = write_model(crf_dir, data[: len(data) // 2])
-    code = ("import sys; from adainfer_lmeval.policies import learned as lp; from adainfer_lmeval.errors import AdaInferError\n"
-            "try:\n    lp.CrfKind.policy(path=sys.argv[1])\nexcept AdaInferError as e:\n    print(e); sys.exit(3)\n")
+    code = ("import sys; from adainfer_lmeval.policies.learned.crf import CrfKind; from adainfer_lmeval.errors import AdaInferError\n"
+            "try:\n    CrfKind.policy(path=sys.argv[1])\nexcept AdaInferError as e:\n    print(e); sys.exit(3)\n")
     done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 3, (done.returncode, done.stderr[-500:])
@@ -120,7 +122,7 @@ LABELS_TABLE = 0x118  # offset of the shipped file's label string table (checked
 def test_a_tampered_header_is_refused(crf_dir, field, value, match):
     data = (crf_dir / "crf.crfsuite").read_bytes()
     path = write_model(crf_dir, header_field(data, field, value))
-    one_line_refusal(lambda: lp.CrfKind.policy(path=str(path)), match)
+    one_line_refusal(lambda: CrfKind.policy(path=str(path)), match)
 
 
 @pytest.mark.parametrize("where, value, match", [
@@ -133,15 +135,15 @@ def test_a_tampered_string_table_is_refused(crf_dir, where, value, match):
     assert struct.unpack_from("<I", data, 4 + 4 * HEADER_FIELDS.index("off_labels"))[0] == LABELS_TABLE
     assert data[LABELS_TABLE : LABELS_TABLE + 4] == b"CQDB"
     path = write_model(crf_dir, with_u32(data, LABELS_TABLE + where, value))
-    one_line_refusal(lambda: lp.CrfKind.policy(path=str(path)), "corrupt crfsuite model")
-    one_line_refusal(lambda: lp.CrfKind.policy(path=str(path)), match)
+    one_line_refusal(lambda: CrfKind.policy(path=str(path)), "corrupt crfsuite model")
+    one_line_refusal(lambda: CrfKind.policy(path=str(path)), match)
 
 
 def test_what_the_structure_check_misses_the_child_process_catches(crf_dir, monkeypatch):
-    monkeypatch.setattr(policy_files, "check_crfsuite_structure", lambda data, source: None)
+    monkeypatch.setattr(crfsuite_check, "check_crfsuite_structure", lambda data, source: None)
     data = (crf_dir / "crf.crfsuite").read_bytes()
     path = write_model(crf_dir, header_field(data, "off_attrrefs", 0x7FFFFF00))
-    one_line_refusal(lambda: lp.CrfKind.policy(path=str(path)), "crfsuite crashed reading it: signal 11")
+    one_line_refusal(lambda: CrfKind.policy(path=str(path)), "crfsuite crashed reading it: signal 11")
 
 
 def test_a_feature_with_a_non_finite_weight_is_refused(crf_dir):
@@ -149,7 +151,7 @@ def test_a_feature_with_a_non_finite_weight_is_refused(crf_dir):
     off = struct.unpack_from("<I", data, 4 + 4 * HEADER_FIELDS.index("off_features"))[0]
     struct.pack_into("<d", data, off + 12 + 12, float("nan"))  # feature 0's weight
     path = write_model(crf_dir, bytes(data))
-    one_line_refusal(lambda: lp.CrfKind.policy(path=str(path)), "feature 0")
+    one_line_refusal(lambda: CrfKind.policy(path=str(path)), "feature 0")
 
 
 # ---- paths that are not files ----------------------------------------------------------------
@@ -160,7 +162,7 @@ def test_a_directory_is_refused(crf_dir, tmp_path):
     one_line_refusal(lambda: policy_files.read_policy_json(tmp_path / "dir.json"), "is a directory")
     (crf_dir / "crf.crfsuite").unlink()
     (crf_dir / "crf.crfsuite").mkdir()
-    one_line_refusal(lambda: lp.CrfKind.policy(path=str(crf_dir / "crf.json")), "is a directory")
+    one_line_refusal(lambda: CrfKind.policy(path=str(crf_dir / "crf.json")), "is a directory")
 
 
 def test_a_symlink_loop_is_refused(crf_dir, tmp_path):
@@ -170,7 +172,7 @@ def test_a_symlink_loop_is_refused(crf_dir, tmp_path):
     one_line_refusal(lambda: build_policy("file", {"path": str(tmp_path / "a.json")}), "cannot be read")
     (crf_dir / "crf.crfsuite").unlink()
     os.symlink(crf_dir / "crf.crfsuite", crf_dir / "crf.crfsuite")
-    one_line_refusal(lambda: lp.CrfKind.policy(path=str(crf_dir / "crf.json")), "cannot be read")
+    one_line_refusal(lambda: CrfKind.policy(path=str(crf_dir / "crf.json")), "cannot be read")
 
 
 # ---- numbers ---------------------------------------------------------------------------------
@@ -179,7 +181,7 @@ def test_a_symlink_loop_is_refused(crf_dir, tmp_path):
 @pytest.mark.parametrize("value", ["abc", 1.5, 0, True, None])
 def test_a_bad_seq_start_is_refused(crf_dir, value):
     path = edit_json(crf_dir / "crf.json", seq_start=value)
-    one_line_refusal(lambda: lp.CrfKind.policy(path=str(path)), "'seq_start' must be an integer >= 1")
+    one_line_refusal(lambda: CrfKind.policy(path=str(path)), "'seq_start' must be an integer >= 1")
 
 
 @pytest.mark.parametrize("raw", ["NaN", "Infinity", "1e999", "1" + "0" * 400, "1e300", '"0.5"'])
@@ -188,14 +190,14 @@ def test_non_finite_or_overflowing_coefficients_are_refused(crf_dir, raw):
     meta = json.loads(path.read_text())
     meta["coef"][0] = "__X__"
     path.write_text(json.dumps(meta).replace('"__X__"', raw))
-    one_line_refusal(lambda: lp.SvmKind.policy(path=str(path)), "'coef' must be")
+    one_line_refusal(lambda: SvmKind.policy(path=str(path)), "'coef' must be")
 
 
 @pytest.mark.parametrize("raw", ["NaN", "-Infinity", "1" + "0" * 400])
 def test_a_non_finite_threshold_in_the_file_is_refused(crf_dir, raw):
     path = crf_dir / "svm.json"
     path.write_text(path.read_text().replace('"threshold": ', f'"threshold": {raw}, "old_threshold": ', 1))
-    one_line_refusal(lambda: lp.SvmKind.policy(path=str(path)), "'threshold' must be a finite number")
+    one_line_refusal(lambda: SvmKind.policy(path=str(path)), "'threshold' must be a finite number")
 
 
 @pytest.mark.parametrize("kind", ["svm", "crf"])
@@ -238,3 +240,16 @@ def test_policy_list_survives_bad_entries_and_names_them(crf_dir, tmp_path, monk
         assert any(name in line for line in broken), (name, broken)
     assert "smollm2-135m/crf.json" in out and "smollm2-135m/svm.json" in out  # the good ones still listed
     assert not any("smollm2-135m" in line for line in broken)
+
+
+@pytest.mark.parametrize("kind", ["svm", "crf"])
+def test_a_file_from_before_the_guarantee_loads_as_it_is(crf_dir, kind):
+    """Shipped files carry no guarantee fields (their operating point is an empirical one): they
+    load with the stored point and features, and the listing still reads them."""
+    meta = policy_files.read_policy_json(crf_dir / f"{kind}.json")
+    assert not set(policy_files.GUARANTEE_FIELDS) & set(meta["operating_point"])
+    assert meta["operating_point"]["criterion"] in ("agreement", "accuracy")
+    policy = build_policy(kind, {"path": str(crf_dir / f"{kind}.json")})
+    assert (policy.threshold, policy.min_layer, list(policy.features)) == (meta["threshold"], meta["min_layer"],
+                                                                         meta["features"])
+    assert policy_cli._row(crf_dir / f"{kind}.json", meta)[7] == f"thr={meta['threshold']:.3g} min_layer={meta['min_layer']}"

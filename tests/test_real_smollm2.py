@@ -21,7 +21,7 @@ SST2_LIMIT = 24
 
 @pytest.fixture(scope="module")
 def smollm2() -> str:
-    from adainfer_lmeval.offline.model_zoo import fetch_model
+    from adainfer_lmeval.offline.models.fetch import fetch_model
 
     return str(fetch_model("smollm2-135m"))
 
@@ -30,7 +30,9 @@ def smollm2() -> str:
 def task_manager():
     from lm_eval.tasks import TaskManager
 
-    from adainfer_lmeval.offline.data import configure_offline_environment, fetch_data, tasks_dir
+    from adainfer_lmeval.offline.data.fetch import fetch_data
+    from adainfer_lmeval.offline.environment import configure_offline_environment
+    from adainfer_lmeval.paths import tasks_dir
 
     configure_offline_environment()
     fetch_data()

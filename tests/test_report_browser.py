@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from adainfer_lmeval.reporting.report import compare_rows, leaderboard, load_runs, write_report
+from adainfer_lmeval.reporting.comparison import compare_rows, load_runs
+from adainfer_lmeval.reporting.leaderboard import leaderboard
+from adainfer_lmeval.reporting.report import write_report
 from test_report_leaderboard import copy_runs
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from adainfer_lmeval.reporting.report import FULL, compare_rows, leaderboard, load_runs, write_report
+from adainfer_lmeval.reporting.comparison import FULL, compare_rows, load_runs
+from adainfer_lmeval.reporting.leaderboard import leaderboard
+from adainfer_lmeval.reporting.report import write_report
 
 RUNS = Path(__file__).resolve().parent.parent / "reports" / "leaderboard" / "runs"
 PICK = {
@@ -180,3 +182,33 @@ def test_any_number_of_models_and_a_task_at_chance_for_one_only(tmp_path):
     for plot in ("accuracy_vs_layers_saved.png", "exit_layers.png"):
         width, height = _png_size(tmp_path / "report" / plot)
         assert width <= 3 * 540 + 100 and height >= 2 * 400, (plot, width, height)
+
+
+def _with_settings(folder: Path, **settings) -> None:
+    for f in folder.glob("*.json"):
+        run = json.loads(f.read_text())
+        run["settings"].update(settings)
+        f.write_text(json.dumps(run))
+
+
+def test_a_task_under_two_limits_is_told_apart_by_its_limit(tmp_path):
+    runs = copy_runs(tmp_path / "runs")
+    smol = runs / "smollm2_135m"
+    # SmolLM2 runs sst2 0-shot under limits 100 and 50 (a copy of its runs, relabelled)
+    shutil.copytree(smol / "sst2-0shot-limit100", smol / "sst2-0shot-limit50")
+    _with_settings(smol / "sst2-0shot-limit50", limit=50)
+    # and its 100-document runs are relabelled 4-shot: Qwen ran sst2 4-shot under limit 60
+    _with_settings(smol / "sst2-0shot-limit100", num_fewshot=4)
+    rows = compare_rows(load_runs([runs]))
+    sections = {s["model"]: s for s in leaderboard(rows)}
+    assert sorted(g["label"] for g in sections["smollm2-135m"]["groups"]) == ["sst2 0-shot", "sst2 4-shot"]
+    assert [g["label"] for g in sections["qwen2.5-coder-0.5b"]["groups"]] == ["sst2 4-shot", "mmlu 0-shot"]
+    written = write_report(rows, tmp_path / "report")
+    header = next(csv.reader(written["leaderboard_csv"].open()))
+    # one CSV over both models: the two "sst2 4-shot" groups carry their limits
+    assert {h.split(" acc %")[0] for h in header if h.endswith(" acc %")} == {
+        "sst2 4-shot (limit 60)", "sst2 4-shot (limit 100)", "sst2 0-shot", "mmlu 0-shot"}
+    one = [{**r, "model": "one"} for r in rows if r["model"] == "smollm2-135m"]
+    for r in one:  # one model, the same task and shots under two limits
+        r["num_fewshot"] = 0
+    assert sorted(g["label"] for g in leaderboard(one)[0]["groups"]) == ["sst2 0-shot (limit 100)", "sst2 0-shot (limit 50)"]

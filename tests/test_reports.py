@@ -11,8 +11,10 @@ import pytest
 
 from adainfer_lmeval.reporting.regression_check import check_rows
 from adainfer_lmeval.errors import AdaInferError
-from adainfer_lmeval.reporting.report import compare_rows, display_rows, load_runs, write_report
-from adainfer_lmeval.experiments.suite import Suite, run_suite
+from adainfer_lmeval.experiments.suite_file import Suite
+from adainfer_lmeval.experiments.suite_runner import run_suite
+from adainfer_lmeval.reporting.comparison import compare_rows, display_rows, load_runs
+from adainfer_lmeval.reporting.report import write_report
 
 pytestmark = pytest.mark.real
 
@@ -116,7 +118,7 @@ def test_oracle_layer_is_where_the_answer_stops_changing():
 
 def test_leaderboard_of_the_ci_runs(ci_runs, tmp_path):
     """The CI runs' leaderboard: full depth and the oracle as reference rows, each policy one ranked row."""
-    from adainfer_lmeval.reporting.report import leaderboard
+    from adainfer_lmeval.reporting.leaderboard import leaderboard
 
     _, files = ci_runs
     rows = compare_rows(load_runs(files))

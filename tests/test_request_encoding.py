@@ -37,6 +37,22 @@ def test_groups_share_the_decision_and_identical_rows():
     assert len(re_.group_rows([[1, 2, 3], [1, 4, 3]], [2, 2])) == 2
 
 
+def test_groups_know_their_answer_options_at_the_margin_position():
+    # options sharing a first token (one row for [5, 6] and [5, 8]: same row), one prefix of another, none shared
+    pairs = [([1, 2], [5, 6]), ([1, 2], [5, 7, 9]), ([1, 2], [5, 8]), ([3, 4], [6]), ([3, 4], [6, 2]), ([9], [4]), ([9], [7, 7])]
+    enc = re_.encode(pairs, max_length=16)
+    by_context = {tuple(g.rows[0].tokens[: g.rows[0].decision + 1]): g for g in enc.groups}
+    shared, prefix, plain = by_context[(1, 2)], by_context[(3, 4)], by_context[(9,)]
+    assert shared.continuations == [[5, 6], [5, 7, 9], [5, 8]], "options in request order"
+    assert (shared.margin_offset, shared.option_tokens) == (1, [6, 7, 8])
+    assert (prefix.margin_offset, prefix.option_tokens) == (0, [6, 6])  # never differ where both have a token
+    assert (plain.margin_offset, plain.option_tokens) == (0, [4, 7])
+    (batch,) = list(enc.batches(rows_per_batch=16))
+    assert batch.option_tokens == [g.option_tokens for g in batch.groups]
+    assert batch.margin_offsets == [g.margin_offset for g in batch.groups]
+    assert re_.EngineBatch(re_.group_rows(enc.rows, enc.decisions)).option_tokens is None  # no continuations given
+
+
 def test_packing_is_longest_first_and_keeps_groups_whole():
     rows = [[1] * 3, [2] * 5, [2] * 5 + [7], [3] * 4, [4] * 5]
     decisions = [2, 4, 4, 3, 4]
@@ -59,7 +75,7 @@ def _hflm(folder, **kwargs):
 
 
 def test_tokenized_requests_are_what_loglikelihood_hands_over(tiny_model_dirs):
-    from adainfer_lmeval.adapter.backend import tokenized_requests
+    from adainfer_lmeval.adapter.loglikelihood import tokenized_requests
 
     class Recording(HFLM):
         def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):

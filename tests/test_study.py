@@ -1,8 +1,11 @@
-"""The paper's study (adainfer_lmeval.experiments.study): splits, settings, layer mapping, oracle, offline exits.
+"""The paper's study (adainfer_lmeval.experiments.study*): splits, settings, layer mapping, oracle,
+policies, operating points, offline exits.
 
-Synthetic collections test the mechanics in seconds; the ``real`` test checks once, on a slice of
-SST-2 with SmolLM2, that the offline evaluation of a policy (exit layers and accuracy computed
-from collected features) equals running the same policy through lm-eval's ``adainfer`` backend.
+Synthetic collections test the mechanics in seconds; a tiny random model checks that the option
+margin the collector records gives, offline, the engine's own ``policy=margin`` exits and answers;
+the ``real`` test checks once, on a slice of SST-2 with SmolLM2, that the offline evaluation of
+every study policy (exit layers and accuracy computed from collected features) equals running the
+same policy through lm-eval's ``adainfer`` backend.
 """
 
 from __future__ import annotations
@@ -11,18 +14,29 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
-from adainfer_lmeval.experiments import study as st
-from adainfer_lmeval.experiments import train as tr
-from adainfer_lmeval.experiments.collect import sample_docs
-from adainfer_lmeval.errors import AdaInferError
+from adainfer_lmeval.adapter import request_encoding
+from adainfer_lmeval.core.engine import EarlyExitEngine, ExitBatch
 from adainfer_lmeval.core.features import FEATURE_NAMES
+from adainfer_lmeval.errors import AdaInferError
+from adainfer_lmeval.experiments import study_policies as sp
+from adainfer_lmeval.experiments import study_report as sr
+from adainfer_lmeval.experiments import study_tasks as stt
+from adainfer_lmeval.experiments.calibration import CRITERIA, evaluate, exit_layers
+from adainfer_lmeval.experiments.collect import Example, sample_docs, trace_examples
+from adainfer_lmeval.experiments.study_evaluation import run_study
+from adainfer_lmeval.experiments.training_data import OPTION_SIGNALS, Data, option_signal_columns
+from adainfer_lmeval.policies import build_policy
+
+SIGNAL_NAMES = FEATURE_NAMES + ("margin",)
 
 
-def synthetic(task: str, source: str, n: int, L: int, seed: int, doc_ids=None, model: str = "toy") -> tr.Data:
+def synthetic(task: str, source: str, n: int, L: int, seed: int, doc_ids=None, model: str = "toy") -> Data:
     """Docs whose answer settles on the final one from a random layer on, confident from then."""
     rng = np.random.default_rng(seed)
-    feats = np.zeros((n, L, len(FEATURE_NAMES)))
+    feats = np.zeros((n, L, len(SIGNAL_NAMES)))
     choice = np.zeros((n, L), dtype=int)
     gold = rng.integers(0, 2, n)
     for i in range(n):
@@ -31,76 +45,78 @@ def synthetic(task: str, source: str, n: int, L: int, seed: int, doc_ids=None, m
         for layer in range(1, L + 1):
             ok = layer >= settle
             p1 = (0.8 if ok else 0.3) + 0.1 * rng.random()
-            feats[i, layer - 1] = [p1, p1 - (0.2 if ok else 0.25), 1.0 if ok else 3.0, 0.9, layer / L]
+            margin = (0.7 if ok else 0.1) + 0.2 * rng.random()
+            feats[i, layer - 1] = [p1, p1 - (0.2 if ok else 0.25), 1.0 if ok else 3.0, 0.9, layer / L, margin]
             choice[i, layer - 1] = final if ok else rng.integers(0, 2)
     ids = list(range(n)) if doc_ids is None else list(doc_ids)
     meta = {"model": {"name": model, "model_type": "llama", "num_layers": L, "hidden_size": 8, "vocab_size": 50}, "parts": []}
-    return tr.Data(feats, 100 + choice, choice, gold, 100 + gold, [f"{source}:{d}" for d in ids], [source] * n,
-                   np.zeros(n, dtype=int), np.full(n, 2), meta)
+    return Data(feats, 100 + choice, choice, gold, 100 + gold, [f"{source}:{d}" for d in ids], [source] * n,
+                np.zeros(n, dtype=int), np.full(n, 2), meta, SIGNAL_NAMES)
 
 
-SPECS = [st.TaskSpec.parse(t) for t in ("sst2", "sst2@4", "arc_easy", "boolq")]
+TASKS = [stt.StudyTask.parse(t) for t in ("sst2", "sst2@4", "arc_easy", "boolq")]
 DEPTHS = {"small": 6, "deep": 9}
 
 
 def synthetic_collections() -> dict:
     out = {}
     for m, (model, L) in enumerate(DEPTHS.items()):
-        for t, spec in enumerate(SPECS):
-            for r, role in enumerate(st.ROLES):
-                n = 30 if spec.name == "sst2" else 24  # more of a cheap task
-                if spec.name == "sst2":
-                    ids = [i for i in range(200) if st.sst2_half(i) == role][:n]
+        for t, task in enumerate(TASKS):
+            for r, role in enumerate(stt.ROLES):
+                n = 30 if task.name == "sst2" else 24  # more of a cheap task
+                if task.name == "sst2":
+                    ids = [i for i in range(200) if stt.sst2_half(i) == role][:n]
                 else:
                     ids = range(n)
-                out[(model, spec.label, role)] = synthetic(spec.label, spec.source(role), n, L, 100 * m + 10 * t + r, ids, model)
+                out[(model, task.label, role)] = synthetic(task.label, task.source(role), n, L, 100 * m + 10 * t + r, ids, model)
     return out
 
 
-def test_task_specs():
-    assert st.TaskSpec.parse("sst2@4") == st.TaskSpec("sst2", 4)
-    assert st.TaskSpec.parse("arc_easy").label == "arc_easy@0"
-    assert st.TaskSpec.parse("arc_easy").source("train") == "arc_easy_train"
-    assert st.TaskSpec.parse("arc_easy").source("test") == "arc_easy"
-    assert st.TaskSpec.parse("sst2").source("train") == "sst2"  # split in halves instead
+def test_study_tasks():
+    parse = stt.StudyTask.parse
+    assert parse("sst2@4") == stt.StudyTask("sst2", 4)
+    assert parse("arc_easy").label == "arc_easy@0"
+    assert parse("arc_easy").source("train") == "arc_easy_train"
+    assert parse("arc_easy").source("test") == "arc_easy"
+    assert parse("sst2").source("train") == "sst2"  # split in halves instead
     with pytest.raises(AdaInferError, match="no training documents"):
-        st.TaskSpec.parse("mmlu")
+        parse("mmlu")
     with pytest.raises(AdaInferError, match="name\\[@shots\\]"):
-        st.TaskSpec.parse("sst2@four")
-    assert st.TaskSpec.parse("sst2@4:200") == st.TaskSpec("sst2", 4, 200)
-    assert st.TaskSpec.parse("sst2@4:200").label == "sst2@4"
-    assert [st.TaskSpec.parse(t).n_docs(40) for t in ("sst2", "sst2:200", "sst2@4:x2.5")] == [40, 200, 100]
-    assert st.parse_models("a:10,b") == {"a": 10, "b": 60}
+        parse("sst2@four")
+    assert parse("sst2@4:200") == stt.StudyTask("sst2", 4, 200)
+    assert parse("sst2@4:200").label == "sst2@4"
+    assert [parse(t).n_docs(40) for t in ("sst2", "sst2:200", "sst2@4:x2.5")] == [40, 200, 100]
+    assert stt.parse_models("a:10,b") == {"a": 10, "b": 60}
 
 
 def test_sst2_halves_partition_and_sampling_never_crosses():
-    halves = [st.sst2_half(i) for i in range(872)]
+    halves = [stt.sst2_half(i) for i in range(872)]
     # pinned: the split must never move, or reported test documents would leak into training
     assert halves[:12] == ["train", "test", "train", "test", "test", "train", "test", "test", "train", "test", "train", "test"]
     assert 380 < halves.count("train") < 492  # about half each
-    assert halves != [st.sst2_half(i, seed=1) for i in range(872)]  # the seed matters
+    assert halves != [stt.sst2_half(i, seed=1) for i in range(872)]  # the seed matters
     tasks = {"sst2": SimpleNamespace(eval_docs=list(range(872)))}
-    spec = st.TaskSpec.parse("sst2@4")
-    train = sample_docs(tasks, "sst2", 300, 4, 0, st.doc_filter_for(spec, "train"))["sst2"]
-    test = sample_docs(tasks, "sst2", 300, 4, 0, st.doc_filter_for(spec, "test"))["sst2"]
+    task = stt.StudyTask.parse("sst2@4")
+    train = sample_docs(tasks, "sst2", 300, 4, 0, stt.doc_filter_for(task, "train"))["sst2"]
+    test = sample_docs(tasks, "sst2", 300, 4, 0, stt.doc_filter_for(task, "test"))["sst2"]
     assert len(train) == len(test) == 300
     assert not set(train) & set(test)
     assert all(halves[i] == "train" for i in train) and all(halves[i] == "test" for i in test)
-    assert st.doc_filter_for(st.TaskSpec.parse("arc_easy"), "train") is None  # a real train split
+    assert stt.doc_filter_for(stt.StudyTask.parse("arc_easy"), "train") is None  # a real train split
 
 
 def test_training_sets_never_hold_the_test_task():
     collections = synthetic_collections()
-    sets = st.training_sets(collections, list(DEPTHS), SPECS)
+    sets = stt.training_sets(collections, list(DEPTHS), TASKS)
     for (model, task, setting), data in sets.items():
         test = collections[(model, task, "test")]
         name = task.split("@")[0]
         sources = set(data.source)
         if setting == "intra":
-            assert sources == {st.TaskSpec.parse(task).source("train")}
+            assert sources == {stt.StudyTask.parse(task).source("train")}
         else:  # inter-task: every other task, never this one (nor its other shot count)
             assert not any(s.split("_train")[0] == name for s in sources)
-            assert len(sources) == len({s.name for s in SPECS}) - 1 or name == "sst2"
+            assert len(sources) == len({t.name for t in TASKS}) - 1 or name == "sst2"
             counts = [data.source.count(s) for s in sorted(sources)]  # the same number from every task
             assert counts == [24] * len(counts) or sorted(counts) == [24, 48]  # sst2@0 + sst2@4 share a source
         assert not set(data.keys) & set(test.keys), (model, task, setting)
@@ -109,62 +125,116 @@ def test_training_sets_never_hold_the_test_task():
 
 def test_map_point_by_relative_depth():
     point = {"threshold": 0.5, "min_layer": 20}
-    assert st.map_point(point, 30, 24) == {"threshold": 0.5, "min_layer": 16}
-    assert st.map_point(point, 30, 30)["min_layer"] == 20
-    assert st.map_point({"threshold": 0.5, "min_layer": 29}, 30, 18)["min_layer"] == 17  # round(17.4), below L
-    assert st.map_point({"threshold": 0.5, "min_layer": 23}, 24, 18)["min_layer"] == 17  # clamped to L-1
-    assert st.map_point({"threshold": 0.5, "min_layer": 1}, 30, 18)["min_layer"] == 1
+    assert sp.map_point(point, 30, 24) == {"threshold": 0.5, "min_layer": 16}
+    assert sp.map_point(point, 30, 30)["min_layer"] == 20
+    assert sp.map_point({"threshold": 0.5, "min_layer": 29}, 30, 18)["min_layer"] == 17  # round(17.4), below L
+    assert sp.map_point({"threshold": 0.5, "min_layer": 23}, 24, 18)["min_layer"] == 17  # clamped to L-1
+    assert sp.map_point({"threshold": 0.5, "min_layer": 1}, 30, 18)["min_layer"] == 1
 
 
 def test_oracle_exits_and_accuracy():
     data = synthetic("t", "t", 3, 4, 0)
     data.choice[:] = [[0, 1, 1, 1], [1, 1, 1, 1], [0, 1, 0, 1]]
     data.gold[:] = [1, 0, 1]
-    exits = st.oracle_exits(data)
+    exits = sp.oracle_exits(data)
     assert exits.tolist() == [2, 1, 4]
-    result = tr.evaluate(data, exits)
+    result = evaluate(data, exits)
     assert result["policy_acc"] == result["full_acc"] == pytest.approx(2 / 3)
     assert result["agreement_with_full"] == 1.0
     assert result["layers_saved"] == pytest.approx(1 - 7 / 12)
 
 
 def test_at_chance():
-    assert st.at_chance(0.55, 0.5, 40)  # 5 points above chance is within 2 stderr of 40 docs
-    assert not st.at_chance(0.80, 0.5, 40)
+    assert sp.at_chance(0.55, 0.5, 40)  # 5 points above chance is within 2 stderr of 40 docs
+    assert not sp.at_chance(0.80, 0.5, 40)
+
+
+def settled_from_layer_3(n: int, changed_at_2: int, L: int = 6) -> Data:
+    """``n`` docs whose answer is final from layer 3 on; at layer 2, ``changed_at_2`` of them
+    answer otherwise; at layer 1 every answer is wrong."""
+    data = synthetic("t", "t", n, L, 0)
+    data.gold[:] = 1
+    data.choice[:] = 1
+    data.choice[:, 0] = 0
+    data.choice[:changed_at_2, 1] = 0
+    return data
+
+
+def test_static_depth_and_the_guarantee_at_known_answers():
+    # 200 docs, 2 of them (1%) changed at layer 2, none from layer 3. The empirical criteria allow
+    # layer 2 (1% changed, accuracy -1 point); the 95% upper bound of 2 changes in 200 is 3.1%, of
+    # 0 changes 1.5%: δ = 2% takes layer 3, δ = 1% no point at all (full depth, not passed).
+    data = settled_from_layer_3(200, 2)
+    points = sp.fit_study_policy(data, "static", sp.CalibrationRules(max_changed=0.02))["points"]
+    assert points["agreement"]["min_layer"] == points["accuracy"]["min_layer"] == 2
+    guaranteed = points["guarantee"]
+    assert (guaranteed["min_layer"], guaranteed["passed"], guaranteed["calibration_changed"]) == (3, True, 0)
+    assert guaranteed["changed_upper_bound"] == pytest.approx(1 - 0.05 ** (1 / 200))
+    strict = sp.fit_study_policy(data, "static", sp.CalibrationRules(max_changed=0.01))["points"]["guarantee"]
+    assert strict["passed"] is False
+    exits = exit_layers(sp.layer_scores("static", None, data), strict["threshold"], strict["min_layer"])
+    assert (exits == data.num_layers).all()  # no point passes: full depth
+    # static depth exits every document at its layer, whatever its signals say
+    scores = sp.layer_scores("static", None, data)
+    assert exit_layers(scores, points["guarantee"]["threshold"], 3).tolist() == [3] * 200
+
+
+def test_the_guarantee_cannot_pass_at_the_studys_size():
+    # 80 calibration docs that never change from layer 3: the empirical criterion exits there, the
+    # guarantee at δ = 1% cannot (0 changes in 80 bound the rate at 3.7%) and does at δ = 4%
+    data = settled_from_layer_3(80, 0)
+    assert sp.fit_study_policy(data, "static", sp.CalibrationRules())["points"]["agreement"]["min_layer"] == 2
+    assert sp.fit_study_policy(data, "static", sp.CalibrationRules())["points"]["guarantee"]["passed"] is False
+    loose = sp.fit_study_policy(data, "static", sp.CalibrationRules(max_changed=0.04))["points"]["guarantee"]
+    assert loose["passed"] and loose["min_layer"] == 2
+    assert loose["changed_upper_bound"] == pytest.approx(0.03675, abs=1e-4)
 
 
 def test_run_study_rows():
     collections = synthetic_collections()
     models = list(DEPTHS)
-    result = st.run_study(collections, models, SPECS, k_inner=2, kinds=("svm", "threshold"), log=lambda m: None)
+    policies = ("svm", "threshold", "margin", "static")
+    result = run_study(collections, models, TASKS, sp.CalibrationRules(inner_folds=2), policies=policies, log=lambda m: None)
     rows = result["rows"]
-    per_cell = 2 + 2 * 3 * len(st.CRITERIA)  # full, oracle + 2 kinds x 3 settings x 2 criteria
-    assert len(rows) == len(models) * len(SPECS) * per_cell
+    per_cell = 2 + len(policies) * len(sp.TRAINING_SETTINGS) * len(CRITERIA)  # full, oracle + policies x settings x criteria
+    assert len(rows) == len(models) * len(TASKS) * per_cell
     for r in rows:
         test = collections[(r["model"], f"{r['task']}@{r['shots']}", "test")]
         assert r["n_test"] == len(test.keys) and r["layers"] == test.num_layers
         if r["policy"] in ("full", "oracle"):
-            assert r["acc"] == r["full_acc"] and r["agreement"] == 1.0
+            assert r["acc"] == r["full_acc"] and r["agreement"] == 1.0 and r["delta_se_points"] == 0.0
         if r["policy"] == "full":
-            assert r["layers_saved"] == 0.0
+            assert r["layers_saved"] == 0.0 and r["layers_saved_se"] == 0.0
         if r["setting"] == "inter-model":
             assert r["trained_model"] != r["model"]
             source = [s for s in rows if s["model"] == r["trained_model"] and s["task"] == r["task"] and s["shots"] == r["shots"]
                       and s["policy"] == r["policy"] and s["setting"] == "intra" and s["criterion"] == r["criterion"]][0]
-            mapped = st.map_point(source, DEPTHS[r["trained_model"]], DEPTHS[r["model"]])
+            mapped = sp.map_point(source, DEPTHS[r["trained_model"]], DEPTHS[r["model"]])
             assert r["min_layer"] == mapped["min_layer"] and r["threshold"] == source["threshold"]
         elif r["setting"] in ("intra", "inter-task"):
             assert r["trained_model"] == r["model"]
-    # the threshold rule's exits are the first layer >= min_layer whose gap reaches the threshold
-    r = next(r for r in rows if r["policy"] == "threshold" and r["setting"] == "intra" and r["model"] == "deep")
-    test = collections[("deep", f"{r['task']}@{r['shots']}", "test")]
-    gap = test.feats[:, :, FEATURE_NAMES.index("gap")]
-    exits = []
-    for doc in gap:
-        hit = [l for l in range(r["min_layer"], test.num_layers) if doc[l - 1] >= r["threshold"]]
-        exits.append(hit[0] if hit else test.num_layers)
-    assert r["mean_exit_layer"] == pytest.approx(np.mean(exits))
-    assert st.markdown_tables(result).count("| small | arc_easy | 0 |") == len(st.CRITERIA) + 1  # + the hindsight table
+        if r["criterion"] == "guarantee":  # 24-30 calibration docs: no point can pass at δ = 1%
+            assert r["passed"] is False and r["mean_exit_layer"] == r["layers"]
+    # the threshold and margin rules exit at the first layer >= min_layer whose signal reaches the threshold
+    for policy, signal in (("threshold", "gap"), ("margin", "margin")):
+        r = next(r for r in rows if (r["policy"], r["setting"], r["model"], r["criterion"]) == (policy, "intra", "deep", "accuracy"))
+        test = collections[("deep", f"{r['task']}@{r['shots']}", "test")]
+        values = test.feats[:, :, SIGNAL_NAMES.index(signal)]
+        exits = []
+        for doc in values:
+            hit = [l for l in range(r["min_layer"], test.num_layers) if doc[l - 1] >= r["threshold"]]
+            exits.append(hit[0] if hit else test.num_layers)
+        assert r["mean_exit_layer"] == pytest.approx(np.mean(exits))
+        n = len(exits)
+        assert r["layers_saved_se"] == pytest.approx(np.std(1 - np.array(exits) / test.num_layers, ddof=1) / np.sqrt(n))
+    static = [r for r in rows if r["policy"] == "static" and r["setting"] != "inter-model"]
+    for r in static:  # static depth: every document at one layer (full depth where no layer passed)
+        assert r["mean_exit_layer"] == (r["min_layer"] if r["threshold"] <= 1.0 else r["layers"])
+    assert any(r["threshold"] == 1.0 and r["min_layer"] < r["layers"] for r in static)
+    tables = sr.markdown_tables(result)
+    # a row per criterion and setting, + the guarantee's reach (intra, inter-task) and the hindsight table
+    assert tables.count("| small | arc_easy | 0 |") == len(sr.REPORTED_CRITERIA) * len(sp.TRAINING_SETTINGS) + 2 + 1
+    assert "| small | arc_easy | 0 | intra | 24 | 11.7 |" in tables  # 1 - 0.05^(1/24): the smallest reachable δ
     for h in result["hindsight"]:  # the point picked on the test documents is within 1 point there
         full = next(r for r in rows if r["model"] == h["model"] and f"{r['task']}@{r['shots']}" == h["task"] and r["policy"] == "full")
         assert h["acc"] >= full["full_acc"] - 0.01 - 1e-9 and 0 <= h["layers_saved"] < 1
@@ -172,31 +242,113 @@ def test_run_study_rows():
 
 def test_write_outputs(tmp_path):
     collections = synthetic_collections()
-    result = st.run_study(collections, list(DEPTHS), SPECS[:3], k_inner=2, kinds=("threshold",), log=lambda m: None)
-    written = st.write_outputs(result, tmp_path, {"command": "python -m adainfer_lmeval.experiments.study test", "seconds": 1.0})
+    result = run_study(collections, list(DEPTHS), TASKS[:3], sp.CalibrationRules(inner_folds=2), policies=("threshold", "static"),
+                       log=lambda m: None)
+    written = sr.write_outputs(result, tmp_path, {"command": "python -m adainfer_lmeval.experiments.study test", "seconds": 1.0})
     assert {p.name for p in written} == {"results.json", "results.csv", "report.md", "accuracy_vs_layers_saved.png"}
     assert (tmp_path / "accuracy_vs_layers_saved.png").read_bytes()[:4] == b"\x89PNG"
     assert "python -m adainfer_lmeval.experiments.study test" in (tmp_path / "report.md").read_text()
+
+
+# Per document: its answer options (continuation tokens); they first differ at 1, 0, 2, 0.
+DOCUMENTS = [[[7, 8], [7, 9, 10], [7, 11]], [[12], [13, 14], [15, 16, 17]], [[20, 21, 22], [20, 21, 23]], [[40], [41]],
+             [[50, 51], [52, 53]], [[60], [61], [62]]]
+
+
+def test_collected_option_margin_gives_the_engines_margin_exits_and_answers(tiny_models):
+    """The option logits the collector records, turned into margins as the study reads them, give
+    the exit layers and answers of the engine's own ``policy=margin``."""
+    model = tiny_models["llama"]
+    vocab, L = model.config.vocab_size, model.config.num_hidden_layers
+    g = torch.Generator().manual_seed(3)
+    examples, pairs, keys = [], [], []
+    for doc, options in enumerate(DOCUMENTS):
+        context = torch.randint(70, vocab, (int(torch.randint(4, 12, (1,), generator=g)),), generator=g).tolist()
+        encoded = request_encoding.encode([(context, option) for option in options], max_length=64)
+        examples.append(Example("toy", doc, 0, encoded.rows, encoded.decisions, encoded.continuations, 0))
+        pairs += [(context, option) for option in options]
+        keys += [doc] * len(options)
+    trace_examples(EarlyExitEngine(model, build_policy("full", {})), examples, "cpu")
+    assert [ex.margin_offset for ex in examples] == [1, 0, 2, 0, 0, 0]
+    margins = option_signal_columns([ex.option_logits for ex in examples])[:, :, OPTION_SIGNALS.index("margin")]
+    assert not np.isnan(margins).any() and margins.shape == (len(DOCUMENTS), L)
+    min_layer = 2
+    best = np.sort(margins[:, min_layer - 1 : L - 1].max(1))
+    tau = float((best[len(best) // 2 - 1] + best[len(best) // 2]) / 2)  # between two documents: a mixed batch
+    offline = exit_layers(margins[:, : L - 1], tau, min_layer)
+    assert len(set(offline.tolist())) > 1, "tau should split the documents across layers"
+
+    encoded = request_encoding.encode(pairs, max_length=64, keys=keys)
+    (engine_batch,) = list(encoded.batches(rows_per_batch=64))
+    batch = ExitBatch.from_rows(engine_batch.tokens, engine_batch.decisions, engine_batch.row_groups,
+                                options=engine_batch.option_tokens, margin_offsets=engine_batch.margin_offsets)
+    out = EarlyExitEngine(model, build_policy("margin", {"margin": tau, "min_layer": min_layer})).run(batch)
+    for group, rows in zip(engine_batch.groups, _rows_by_group(engine_batch)):
+        doc = keys[group.rows[0].requests[0]]
+        assert {out.exit_layers[r] for r in rows} == {int(offline[doc])}, doc
+        # the answer the engine's exit logits give (summed loglikelihoods) is the collected choice there
+        lls = {}
+        for r, row in zip(rows, group.rows):
+            logps = F.log_softmax(out.logits[r].float(), dim=-1)
+            for i in row.requests:
+                cont = torch.tensor(pairs[i][1])
+                lls[i] = float(logps[: len(cont)].gather(1, cont.unsqueeze(1)).sum())
+        engine_answer = int(np.argmax([lls[i] for i in sorted(lls)]))  # requests in option order
+        collected = examples[doc].option_ll[int(offline[doc]) - 1]
+        assert engine_answer == int(np.argmax(collected)), doc
+
+
+def _rows_by_group(engine_batch) -> list[list[int]]:
+    out: list[list[int]] = [[] for _ in engine_batch.groups]
+    for r, g in enumerate(engine_batch.row_groups):
+        out[g].append(r)
+    return out
 
 
 @pytest.mark.real
 def test_offline_evaluation_equals_the_backend(tmp_path):
     """Policies fitted offline give the same exit layers and answers through lm-eval's backend."""
     from adainfer_lmeval.experiments.collect import collect
-    from adainfer_lmeval.offline.model_zoo import fetch_model
+    from adainfer_lmeval.experiments.study_backend import backend_check
+    from adainfer_lmeval.experiments.training_data import load_data
+    from adainfer_lmeval.offline.models.fetch import fetch_model
 
     model = str(fetch_model("smollm2-135m"))
-    spec = st.TaskSpec.parse("sst2")
+    task = stt.StudyTask.parse("sst2")
     train_path = tmp_path / "train.parquet"
-    collect(model, ["sst2"], [0], 16, train_path, doc_filter=st.doc_filter_for(spec, "train"), quiet=True)
-    train = tr.load_data(train_path)
-    fitted = {kind: st.fit_kind(train, kind, list(range(len(FEATURE_NAMES))), 0.01, 2, 0) for kind in ("svm", "crf", "threshold")}
+    collect(model, ["sst2"], [0], 16, train_path, doc_filter=stt.doc_filter_for(task, "train"), quiet=True)
+    train = load_data(train_path)
+    fitted = {policy: sp.fit_study_policy(train, policy, sp.CalibrationRules(inner_folds=2)) for policy in sp.STUDY_POLICIES}
     for fit in fitted.values():  # an operating point that exits at various layers (not at the last)
         fit["points"]["accuracy"].update(min_layer=10)
     fitted["threshold"]["points"]["accuracy"]["threshold"] = 0.3
-    report = st.backend_check(model, spec, 12, fitted, train, tmp_path)
-    for kind, r in report.items():
+    fitted["margin"]["points"]["accuracy"]["threshold"] = float(np.median(train.feats[:, 10:29, train.columns(["margin"])[0]]))
+    fitted["static"]["points"]["accuracy"].update(threshold=1.0, min_layer=17)
+    report = backend_check(model, task, 12, fitted, train, tmp_path)
+    for policy, r in report.items():
         assert r["docs"] == 12
-        assert r["exits_equal"], (kind, r["offline_exits"], r["backend_exits"])
-        assert r["answers_equal"] and r["offline_acc"] == r["backend_acc"], kind
+        assert r["exits_equal"], (policy, r["offline_exits"], r["backend_exits"])
+        assert r["answers_equal"] and r["offline_acc"] == r["backend_acc"], policy
     assert any(e < 30 for r in report.values() for e in r["backend_exits"])  # they really exit early
+    assert len(set(report["margin"]["backend_exits"])) > 1  # the margin splits the documents
+    assert set(report["static"]["backend_exits"]) == {17}
+
+
+def test_a_file_collected_before_option_logits_is_collected_again(tmp_path):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from adainfer_lmeval.experiments.collect import SCHEMA_VERSION, read_collection
+
+    path = tmp_path / "old.parquet"
+    study = {"task": "sst2@0", "role": "test", "docs": 4, "seed": 0}
+    table = pa.table({"task": ["sst2"]}).replace_schema_metadata(
+        {b"adainfer": json.dumps({"schema_version": SCHEMA_VERSION - 1, "study": study}).encode()})
+    pq.write_table(table, path)
+    with pytest.raises(AdaInferError, match=f"collected with schema {SCHEMA_VERSION - 1}.*option_logits.*collect it again"):
+        read_collection(path)
+    said = []
+    assert stt._needs_collecting(path, 4, 0, said.append)
+    assert said == [f"  {path}: collected with schema {SCHEMA_VERSION - 1}, this version reads {SCHEMA_VERSION}; collecting again"]

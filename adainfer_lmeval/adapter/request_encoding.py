@@ -11,6 +11,8 @@ for what the backend, the feature collector and the benchmark all need:
 * **groups**: requests with the same tokens up to the decision position (the answer options of
   one question) share one exit decision; within a group, requests whose rows are identical
   (single-token options: the row is the context) share one row, as HFLM's logits cache does;
+* **answer options**: a group's continuations are its options; the engine's option signals read
+  them at the group's margin position, where they first differ (:func:`margin_offset`);
 * **packing**: groups longest first (as HFLM: the first batch is the largest, so memory trouble
   shows early), whole groups per batch, up to a row (and optionally a token) budget.
 """
@@ -67,9 +69,25 @@ class SharedRow:
 
 @dataclass
 class RequestGroup:
-    """Rows sharing one exit decision (same tokens up to the decision position)."""
+    """Rows sharing one exit decision (same tokens up to the decision position).
+
+    ``continuations``: per request, in request order, its continuation tokens (where known): the
+    group's answer options, for the option signals.
+    """
 
     rows: list[SharedRow]
+    continuations: list[list[int]] | None = None
+
+    @property
+    def margin_offset(self) -> int:
+        """How far past the decision position the options first differ (:func:`margin_offset`)."""
+        return margin_offset(self.continuations)
+
+    @property
+    def option_tokens(self) -> list[int]:
+        """Per option (request): its token at the margin position."""
+        offset = self.margin_offset
+        return [continuation[offset] for continuation in self.continuations]
 
     @property
     def width(self) -> int:
@@ -108,15 +126,31 @@ class EngineBatch:
         """Per row: how many requests its group holds (they share the group's check costs)."""
         return [group.requests for group in self.groups for _ in group.rows]
 
+    @property
+    def option_tokens(self) -> list[list[int]] | None:
+        """Per group: its options' tokens at its margin position (None: continuations unknown)."""
+        if any(group.continuations is None for group in self.groups):
+            return None
+        return [group.option_tokens for group in self.groups]
+
+    @property
+    def margin_offsets(self) -> list[int] | None:
+        """Per group: its margin position minus its decision position (None: continuations unknown)."""
+        if any(group.continuations is None for group in self.groups):
+            return None
+        return [group.margin_offset for group in self.groups]
+
 
 def group_rows(rows: Sequence[Sequence[int]], decisions: Sequence[int],
-               keys: Sequence[Hashable] | None = None) -> list[RequestGroup]:
+               keys: Sequence[Hashable] | None = None,
+               continuations: Sequence[Sequence[int]] | None = None) -> list[RequestGroup]:
     """Requests ``i`` (row ``rows[i]``, decision ``decisions[i]``) in groups, longest group first.
 
     A group is the requests with the same tokens up to the decision position (and the same
     ``keys[i]``, where given: e.g. the document, so two documents with the same prompt stay two
     groups). Same prefix means same decision position, so identical rows in a group are one row.
-    Groups keep their first request's order among groups of one length.
+    Groups keep their first request's order among groups of one length. ``continuations[i]``,
+    where given, become the groups' answer options.
     """
     grouped: dict[tuple, dict[tuple, SharedRow]] = {}
     for i, (tokens, decision) in enumerate(zip(rows, decisions)):
@@ -127,6 +161,9 @@ def group_rows(rows: Sequence[Sequence[int]], decisions: Sequence[int],
             row = unique[tuple(tokens)] = SharedRow(list(tokens), int(decision))
         row.requests.append(i)
     groups = [RequestGroup(list(unique.values())) for unique in grouped.values()]
+    if continuations is not None:
+        for group in groups:
+            group.continuations = [list(continuations[i]) for i in sorted(i for row in group.rows for i in row.requests)]
     return sorted(groups, key=lambda group: -group.width)
 
 
@@ -172,4 +209,5 @@ def encode(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int
         tokens, decision = truncate(context_enc, continuation_enc, max_length)
         rows.append(tokens)
         decisions.append(decision)
-    return EncodedRequests(rows, decisions, [list(c) for _, c in pairs], group_rows(rows, decisions, keys))
+    continuations = [list(c) for _, c in pairs]
+    return EncodedRequests(rows, decisions, continuations, group_rows(rows, decisions, keys, continuations))

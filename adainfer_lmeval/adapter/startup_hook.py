@@ -137,7 +137,7 @@ def prepare_adainfer_run(results_hook: bool = True) -> None:
     """Called when an adainfer model is built (and by the CLI hook before tasks are indexed):
     installs the exit statistics into lm-eval's results (:func:`.results.install`) and, if
     this package's offline benchmark data is fetched, sets the Hugging Face offline switches
-    (:func:`adainfer_lmeval.offline.data.configure_offline_environment`; an explicit ``HF_HUB_OFFLINE=0`` wins),
+    (:func:`adainfer_lmeval.offline.environment.configure_offline_environment`; an explicit ``HF_HUB_OFFLINE=0`` wins),
     as ``adainfer-eval`` does, so that no run waits on Hub look-ups that cannot succeed."""
     if results_hook:
         from adainfer_lmeval.adapter import results as exit_report
@@ -146,7 +146,8 @@ def prepare_adainfer_run(results_hook: bool = True) -> None:
     global _OFFLINE_CHECKED
     if not _OFFLINE_CHECKED:
         _OFFLINE_CHECKED = True
-        from adainfer_lmeval.offline.data import configure_offline_environment, data_status
+        from adainfer_lmeval.offline.data.availability import data_status
+        from adainfer_lmeval.offline.environment import configure_offline_environment
 
         if any(row["present"] for row in data_status()):
             configure_offline_environment()
@@ -160,7 +161,7 @@ def with_task_folder(include_path):
     later paths override earlier ones in lm-eval's task index, so a user's own configs win."""
     from pathlib import Path
 
-    from adainfer_lmeval.offline.data import tasks_dir
+    from adainfer_lmeval.paths import tasks_dir
 
     ours = tasks_dir()
     if include_path is None:

@@ -19,8 +19,8 @@ from adainfer_lmeval.errors import AdaInferError
 LM_EVAL_TASK_COMMANDS = {"run", "ls", "validate"}
 # our subcommands -> the module whose main(argv) runs them
 SUBCOMMANDS = {  # subcommand -> the module whose main(argv) runs it
-    "models": "offline.model_zoo",
-    "data": "offline.data",
+    "models": "offline.models.cli",
+    "data": "offline.data.cli",
     "compare": "experiments.compare",
     "suite": "experiments.suite",
     "report": "reporting.report",
@@ -32,7 +32,7 @@ SUBCOMMANDS = {  # subcommand -> the module whose main(argv) runs it
 
 
 def _with_task_folder(argv: list[str]) -> list[str]:
-    from adainfer_lmeval.offline.data import tasks_dir
+    from adainfer_lmeval.paths import tasks_dir
 
     if "--include_path" in argv or any(a.startswith("--include_path=") for a in argv):
         return argv
@@ -80,10 +80,10 @@ def _model_args(argv: list[str]) -> str | dict:
 def _preflight(argv: list[str]) -> None:
     """Cheap checks that would otherwise fail only after lm-eval indexed every task (~12 s), or
     after the weights loaded."""
-    from adainfer_lmeval.offline.data import check_tasks_available
+    from adainfer_lmeval.offline.data.availability import check_tasks_available
 
     if _flag(argv, "--model") == "adainfer":
-        from adainfer_lmeval.adapter.backend import check_device, check_model_args
+        from adainfer_lmeval.adapter.model_args import check_device, check_model_args
 
         check_model_args(_model_args(argv))
         check_device(_flag(argv, "--device"))
@@ -103,7 +103,9 @@ def _check_hub_only_tasks(tasks: str) -> None:
     import re
     from pathlib import Path
 
-    from adainfer_lmeval.offline.data import _needs_for, hf_datasets_cache, tasks_dir
+    from adainfer_lmeval.offline.data.catalogue import find_task
+    from adainfer_lmeval.offline.environment import hf_datasets_cache
+    from adainfer_lmeval.paths import tasks_dir
 
     if os.environ.get("HF_DATASETS_OFFLINE", "").upper() not in ("1", "ON", "YES", "TRUE"):
         return
@@ -115,7 +117,7 @@ def _check_hub_only_tasks(tasks: str) -> None:
     builtin = Path(list(spec.submodule_search_locations)[0]) / "tasks"
     ours = "\n".join(p.read_text(errors="replace") for p in tasks_dir().rglob("*.yaml"))
     for name in (n.strip() for n in tasks.split(",")):
-        if not name or _needs_for(name) is not None or re.search(rf"^\s*-?\s*task:\s*{re.escape(name)}\s*$", ours, re.M):
+        if not name or find_task(name) is not None or re.search(rf"^\s*-?\s*task:\s*{re.escape(name)}\s*$", ours, re.M):
             continue
         for config in sorted((builtin / name).glob("*.yaml")):
             text = config.read_text(errors="replace")
@@ -146,16 +148,15 @@ def _one_line(error: Exception) -> str | None:
 
 
 def _run_lm_eval(argv: list[str]) -> int:
-    from adainfer_lmeval.offline.data import configure_offline_environment
+    from adainfer_lmeval.offline.environment import configure_offline_environment
 
     configure_offline_environment()  # before lm-eval imports datasets
     import adainfer_lmeval  # noqa: F401  (registers the model)
-    from lm_eval.__main__ import cli_evaluate
+    from adainfer_lmeval.adapter.harness import run_lm_eval_cli
 
     _preflight(argv)
-    sys.argv = ["adainfer-eval", *_with_task_folder(argv)]
     try:
-        cli_evaluate()
+        run_lm_eval_cli(_with_task_folder(argv))
     except (ValueError, ConnectionError) as error:
         line = _one_line(error)
         if line is None or isinstance(error, AdaInferError):
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] in SUBCOMMANDS:
-            from adainfer_lmeval.offline.data import configure_offline_environment
+            from adainfer_lmeval.offline.environment import configure_offline_environment
 
             configure_offline_environment()  # before anything imports datasets
             module = importlib.import_module(f"adainfer_lmeval.{SUBCOMMANDS[argv[0]]}")

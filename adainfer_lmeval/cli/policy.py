@@ -1,4 +1,4 @@
-"""``adainfer-eval policy list [--json]`` / ``policy show FILE``: the shipped stop classifiers."""
+"""``adainfer-eval policy list [--json]`` / ``policy show FILE``: the shipped stop policies."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from adainfer_lmeval.policies import files as pf
 from adainfer_lmeval.errors import AdaInferError
-from adainfer_lmeval.policies.learned import read_policy
+from adainfer_lmeval.policies.learned.base import read_policy
 
 
 def shipped_policies() -> list[tuple[Path, dict | None, str | None]]:
@@ -25,6 +25,17 @@ def shipped_policies() -> list[tuple[Path, dict | None, str | None]]:
     return out
 
 
+def _operating_point(meta: dict) -> str:
+    """Where the policy stops, and for a guarantee the promise: δ, confidence, calibration size."""
+    where = f"thr={meta['threshold']:.3g} min_layer={meta['min_layer']}"
+    point = meta.get("operating_point") or {}
+    if point.get("criterion") != "guarantee":
+        return where
+    promise = (f"<={100 * point['max_changed']:g}% changed at {100 * point['confidence']:g}% "
+               f"(n={point['calibration_docs']})")
+    return f"{where}, {promise}" if point.get("passed", True) else f"{where}, none passed {promise}: never exits"
+
+
 def _row(path: Path, meta: dict) -> list[str]:
     val = meta.get("validation") or {}
     tr = meta.get("training") or {}
@@ -33,12 +44,13 @@ def _row(path: Path, meta: dict) -> list[str]:
     shots = ",".join(str(s) for s in tr.get("shots", []))
     acc = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
     saved = val.get("layers_saved")
+    label = meta.get("label")
     return [
-        model["name"], meta["kind"], f"{(meta.get('label') or {}).get('mode', '?')}/{(meta.get('label') or {}).get('prediction', '?')}",
+        model["name"], meta["kind"], "-" if label is None else f"{label.get('mode', '?')}/{label.get('prediction', '?')}",
         f"{len(tr.get('tasks', []))} tasks, {shots}-shot, {tr.get('docs', '?')} examples",
         f"{acc(val.get('full_acc'))} ({acc(val.get('chance_acc'))})", acc(val.get("policy_acc")),
         "-" if saved is None else f"{100 * saved:.1f}% ({val.get('mean_exit_layer', 0):.1f}/{layers})",
-        f"thr={meta['threshold']:.3g} min_layer={meta['min_layer']}",
+        _operating_point(meta),
         str(path.relative_to(pf.policies_dir().parent)) if path.is_relative_to(pf.policies_dir().parent) else str(path),
     ]
 

@@ -54,23 +54,28 @@ class CostModel:
             flops += SOFTMAX_FLOPS_PER_WORD * self.vocab_size * positions
         return flops
 
-    def check_flops(self, checks: float, pruned: float = 0.0, head_rows: float | None = None) -> float:
-        """``checks`` exit checks, ``pruned`` of them reading ``check_vocab`` tokens only.
+    def check_flops(self, checks: float, pruned: float = 0.0, head_rows: float | None = None,
+                    vocab_free: float = 0.0) -> float:
+        """``checks`` exit checks, ``pruned`` of them reading ``check_vocab`` tokens only and
+        ``vocab_free`` of them no vocabulary at all (a policy reading answer options only: one
+        head row per option).
 
         ``head_rows``: the head rows they multiplied, as counted by the checks (a first check
-        picked from head clusters multiplies the centroids and the probed clusters' rows); by
-        default the full head for a full check and K rows for a pruned one. Softmax and top-2
-        run over the vocabulary for a full check and over K tokens otherwise.
+        picked from head clusters multiplies the centroids and the probed clusters' rows; a
+        check reading answer options adds a row per option); by default the full head for a
+        full check and K rows for a pruned one (the default knows no options: pass the count
+        where checks read them). Softmax and top-2 run over the vocabulary for a full check
+        and over K tokens for a pruned one; the softmax over a few options is elementwise work.
         """
         k = self.check_vocab or self.vocab_size
-        full = checks - pruned
+        full = checks - pruned - vocab_free
         if head_rows is None:
             head_rows = full * self.vocab_size + pruned * k
         extra = self.head_params - self.vocab_size * self.head_width  # OPT's project_out, if any
         return 2 * (head_rows * self.head_width + extra * checks) + SOFTMAX_FLOPS_PER_WORD * (full * self.vocab_size + pruned * k)
 
     def request(self, tokens: int, exit_layer: int, scored: int, checks: float, share: int = 1, pruned: float = 0.0,
-                head_rows: float | None = None) -> "ExitRecord":
+                head_rows: float | None = None, vocab_free: float = 0.0) -> "ExitRecord":
         """The record of one request that ran ``exit_layer`` layers over ``tokens`` tokens.
 
         ``share``: requests scored off the same computed row (identical inputs, as with
@@ -78,7 +83,7 @@ class CostModel:
         group's exit-head evaluations.
         """
         rows = (exit_layer * self.layer_flops(tokens) + self.head_flops(scored)) / share
-        flops = rows + self.check_flops(checks, pruned, head_rows)
+        flops = rows + self.check_flops(checks, pruned, head_rows, vocab_free)
         full = (self.num_layers * self.layer_flops(tokens) + self.head_flops(scored)) / share
         return ExitRecord(float(exit_layer), self.num_layers, flops, full, checks)
 

@@ -6,7 +6,9 @@ positions* (decision position up to the row's end) whose logits the caller needs
 layer the policy may stop a row: the row's scored logits then come from that layer (final
 norm + head applied to its hidden states) and the row leaves the batch, so no later layer
 runs for it. Rows that share a *group* (the answer choices of one question: same tokens up to
-the decision position) share one decision, read once off the group's first row.
+the decision position) share one decision, read once off the group's first row; a policy that
+reads the answer-option signals also reads that row at the group's margin position (where the
+options first differ, :mod:`.options`), over one head row per option.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from adainfer_lmeval.core.exit_step import ExitStep
 from adainfer_lmeval.core.features import FEATURE_NAMES, compute_features
 from adainfer_lmeval.core.head_clusters import HeadClusters
 from adainfer_lmeval.core.exit_policy import ExitPolicy
+from adainfer_lmeval.core.options import AnswerOptions
 from adainfer_lmeval.core.stages import stage
+from adainfer_lmeval.errors import AdaInferError
 
 
 @dataclass
@@ -30,17 +34,41 @@ class ExitBatch:
     lengths: torch.Tensor  # [rows] real tokens per row
     decision_positions: torch.Tensor  # [rows]; scored positions are decision .. length-1
     groups: torch.Tensor  # [rows] group index 0..G-1; a group's rows share the decision
+    options: AnswerOptions | None = None  # per group: its answer options (for the option signals)
 
     @classmethod
-    def from_rows(cls, rows: list[list[int]], decision_positions: list[int], groups: list[int] | None = None, pad_id: int = 0, device=None):
-        """Right-pad token lists into a batch (groups default to one row each)."""
+    def from_rows(cls, rows: list[list[int]], decision_positions: list[int], groups: list[int] | None = None, pad_id: int = 0,
+                  device=None, options: list[list[int]] | None = None, margin_offsets: list[int] | None = None):
+        """Right-pad token lists into a batch (groups default to one row each).
+
+        ``options`` (per group: each option's token at the margin position) and ``margin_offsets``
+        (per group: the margin position minus the decision position) come together, or not at all.
+        """
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         groups = list(range(len(rows))) if groups is None else groups
         as_tensor = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
-        return cls(ids.to(device), as_tensor([len(r) for r in rows]), as_tensor(decision_positions), as_tensor(groups))
+        answer_options = None
+        if options is not None or margin_offsets is not None:
+            _check_options(rows, decision_positions, groups, options, margin_offsets)
+            answer_options = AnswerOptions.from_lists(options, margin_offsets, device)
+        return cls(ids.to(device), as_tensor([len(r) for r in rows]), as_tensor(decision_positions), as_tensor(groups),
+                   answer_options)
+
+
+def _check_options(rows, decisions, groups, options, margin_offsets) -> None:
+    """Refuse answer options that do not fit the batch's groups, in one line."""
+    n_groups = max(groups) + 1
+    if options is None or margin_offsets is None or len(options) != n_groups or len(margin_offsets) != n_groups:
+        raise AdaInferError(f"ExitBatch options and margin_offsets need one entry per group ({n_groups} groups), both or neither")
+    first_row = {}
+    for row, group in enumerate(groups):
+        first_row.setdefault(group, row)
+    for group, row in first_row.items():
+        if not 0 <= margin_offsets[group] < len(rows[row]) - decisions[row]:
+            raise AdaInferError(f"margin_offsets[{group}]={margin_offsets[group]} lies past the end of the group's row")
 
 
 @dataclass
@@ -50,6 +78,7 @@ class ExitResult:
     checks: list[int]  # per row: exit-head evaluations made for its group's decision
     pruned_checks: list[int]  # per row: how many of those read K tokens only (check_vocab)
     check_rows: list[int]  # per row: head rows its group's checks multiplied (check head rows)
+    vocab_free_checks: list[int]  # per row: how many of those ran no head over the vocabulary (option signals only)
 
 
 @dataclass
@@ -73,9 +102,10 @@ class EarlyExitEngine:
             self.head_clusters = HeadClusters.for_head(self.stack.head.weight, self.checks.clusters, self.checks.probes)
         policy.bind(self.stack.identity())
 
-    def exit_step(self, slots: int, device) -> ExitStep:
-        """The exit step of one pass with ``slots`` decision makers (groups, or generation rows)."""
-        return ExitStep(self.stack, self.policy, self.checks.vocab, self.head_clusters, slots, device)
+    def exit_step(self, slots: int, device, options: AnswerOptions | None = None) -> ExitStep:
+        """The exit step of one pass with ``slots`` decision makers (groups, or generation rows),
+        with their answer options where they have them."""
+        return ExitStep(self.stack, self.policy, self.checks.vocab, self.head_clusters, slots, device, options)
 
     @property
     def num_layers(self) -> int:
@@ -92,7 +122,7 @@ class EarlyExitEngine:
         first_row = torch.full((n_groups,), rows, dtype=torch.long, device=groups.device)
         first_row.scatter_reduce_(0, groups, torch.arange(rows, device=groups.device), reduce="amin")
 
-        step = self.exit_step(n_groups, groups.device)
+        step = self.exit_step(n_groups, groups.device, batch.options)
         # Python copies of the spans: reading tensors element by element would sync a GPU.
         spans = list(zip(decision.tolist(), lengths.tolist()))
 
@@ -115,11 +145,15 @@ class EarlyExitEngine:
             if not consult and not step.tracks_state:
                 continue
             speaker_idx, speaker_groups = self._speakers(active, groups, first_row)
-            state = hidden[speaker_idx, decision[active[speaker_idx]]]
+            speaker_rows = active[speaker_idx]
+            state = hidden[speaker_idx, decision[speaker_rows]]
             if not consult:
                 step.remember(state, speaker_groups)
                 continue
-            stop, check_logits = step.decide(layer, state, speaker_groups)
+            option_state = None
+            if step.reads_options:  # the group's options first differ at its margin position
+                option_state = hidden[speaker_idx, decision[speaker_rows] + batch.options.offsets[speaker_groups]]
+            stop, check_logits = step.decide(layer, state, speaker_groups, option_state)
             stopped = speaker_groups[stop]
             if stopped.numel() == 0:
                 continue
@@ -128,7 +162,7 @@ class EarlyExitEngine:
             # has its exit logits: the check computed them.
             known = {}
             if check_logits is not None:
-                speakers = active[speaker_idx].tolist()
+                speakers = speaker_rows.tolist()
                 known = {r: check_logits[k : k + 1] for k, r in enumerate(speakers) if spans[r][1] - spans[r][0] == 1}
             with stage("emit"):
                 self._emit(hidden[leaving], active[leaving], layer, spans, exit_layers, logits_out, known)
@@ -146,8 +180,8 @@ class EarlyExitEngine:
             with stage("emit"):
                 self._emit(hidden, active, num_layers, spans, exit_layers, logits_out)
 
-        checks, pruned_checks, check_head_rows = step.counts(groups)
-        return ExitResult(exit_layers, logits_out, checks, pruned_checks, check_head_rows)  # type: ignore[arg-type]
+        checks, pruned_checks, check_head_rows, vocab_free = step.counts(groups)
+        return ExitResult(exit_layers, logits_out, checks, pruned_checks, check_head_rows, vocab_free)  # type: ignore[arg-type]
 
     @torch.no_grad()
     def trace(self, batch: ExitBatch):

@@ -17,7 +17,10 @@ balanced clustering of the head's rows instead of the full head (:mod:`.head_clu
 that no check multiplies the whole head: the first costs C + probes·S head rows, the later
 ones K.
 
-Knows nothing of lm-eval or policies' internals: it gets the feature names to compute.
+A policy that reads only the answer-option signals (``margin``, ...) runs no vocabulary head at
+all: its check multiplies one head row per option at the group's margin position.
+
+Knows nothing of lm-eval or policies' internals: it gets the signal names to compute.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from adainfer_lmeval.errors import AdaInferError
-from adainfer_lmeval.core.features import compute_features
+from adainfer_lmeval.core.features import SignalInputs, compute_signals, signal_reads
+from adainfer_lmeval.core.options import AnswerOptions
 from adainfer_lmeval.core.stages import stage
 from adainfer_lmeval.arg_values import convert_arg
 
@@ -97,56 +101,96 @@ def _check_arg(name: str, value) -> int | None:
 
 
 class ExitChecks:
-    """Checks for ``slots`` decision makers (groups, or generation rows) over one pass."""
+    """Checks for ``slots`` decision makers (groups, or generation rows) over one pass, computing
+    the signals ``names`` (:mod:`.features`): the exit head over the vocabulary only when one of
+    them reads it, the answer options' head rows (``options``, per slot) only when one reads them."""
 
-    def __init__(self, stack, vocab: int | None, slots: int, device, clusters=None):
-        self.stack = stack
+    def __init__(self, stack, names: tuple[str, ...], vocab: int | None, slots: int, device, clusters=None,
+                 options: AnswerOptions | None = None):
+        self.stack, self.names = stack, names
+        reads = signal_reads(names)
+        self.reads_vocab, self.reads_options = "vocab" in reads, "options" in reads
         self.vocab = None if vocab is None or vocab >= stack.vocab_size else int(vocab)
         self.clusters = clusters if self.vocab is not None else None  # a HeadClusters, or None
         if self.vocab is not None:
             self.candidates = torch.zeros(slots, self.vocab, dtype=torch.long, device=device)
             self.pruned = torch.zeros(slots, dtype=torch.bool, device=device)
+        if self.reads_options:
+            self.options = options
+            # the option distribution at each slot's last consulted layer (option_change, option_kl)
+            self.previous_option_probs = torch.zeros(options.tokens.shape, device=device)
+            self.has_previous_options = torch.zeros(slots, dtype=torch.bool, device=device)
 
-    def consult(self, names, state, previous, layer: int, num_layers: int, slots: torch.Tensor):
-        """(features [n, len(names)], full-vocabulary logits or None, bool [n]: the check read
-        K tokens (pruned, or picked from head clusters), long [n]: head rows it multiplied).
+    def consult(self, state, previous, layer: int, num_layers: int, slots: torch.Tensor, option_state=None):
+        """(signals [n, len(names)], full-vocabulary logits or None, bool [n]: the check read
+        K tokens of the vocabulary (pruned, or picked from head clusters), long [n]: head rows it
+        multiplied).
 
+        ``state``/``previous``: this and the previous layer's decision states [n, d];
+        ``option_state``: the states at the slots' margin positions [n, d] (when options are read).
         The logits are returned only when every row of this call used the full head (so the
         caller may reuse them as exit logits).
         """
-        stack = self.stack
+        n = len(state)
+        inputs = SignalInputs(layer, num_layers, n, state.device, hidden=state, previous_hidden=previous)
+        head_rows = torch.zeros(n, dtype=torch.long, device=state.device)
+        if self.reads_options:
+            head_rows += self._read_options(inputs, option_state, slots)
+        if not self.reads_vocab:
+            with stage("check_features"):
+                features = compute_signals(self.names, inputs)
+            return features, None, torch.zeros(n, dtype=torch.bool, device=state.device), head_rows
+        features, logits, over_k, vocab_rows = self._read_vocab(inputs, slots)
+        return features, logits, over_k, head_rows + vocab_rows
+
+    def _read_options(self, inputs: SignalInputs, option_state, slots) -> torch.Tensor:
+        """Fill ``inputs``' option fields (one head row per option) and remember this layer's
+        option distribution; the head rows multiplied per row."""
+        tokens, valid = self.options.tokens[slots], self.options.valid[slots]
+        with stage("check_head", len(option_state)):
+            inputs.option_logits = self.stack.exit_logits_over(option_state, tokens)
+        inputs.option_valid = valid
+        inputs.previous_option_probs = self.previous_option_probs[slots]
+        inputs.has_previous_options = self.has_previous_options[slots]
+        self.previous_option_probs[slots] = inputs.option_probs
+        self.has_previous_options[slots] = True
+        return valid.sum(-1)
+
+    def _read_vocab(self, inputs: SignalInputs, slots):
+        """The signals off the exit logits over the vocabulary (full, pruned to K, or picked from
+        head clusters), with what :meth:`consult` returns about them."""
+        stack, state = self.stack, inputs.hidden
         n = len(state)
         check_head_rows = torch.full((n,), stack.vocab_size, dtype=torch.long, device=state.device)
         if self.vocab is None:
             with stage("check_head", n):
-                logits = stack.exit_logits(state)
+                inputs.logits = stack.exit_logits(state)
             with stage("check_features"):
-                features = compute_features(names, logits, state, previous, layer, num_layers)
-            return features, logits, torch.zeros(n, dtype=torch.bool, device=state.device), check_head_rows
+                features = compute_signals(self.names, inputs)
+            return features, inputs.logits, torch.zeros(n, dtype=torch.bool, device=state.device), check_head_rows
         pruned = self.pruned[slots]
-        features = torch.empty(n, len(names), device=state.device)
+        features = torch.empty(n, len(self.names), device=state.device)
         full_logits = None
         for use_pruned in (False, True):
             pick = pruned if use_pruned else ~pruned
             if not bool(pick.any()):
                 continue
-            rows_state = state[pick]
-            rows_previous = previous[pick] if previous is not None else None
+            rows = inputs.select(pick)
             if use_pruned:
-                with stage("check_head", len(rows_state)):
-                    logits = stack.exit_logits_over(rows_state, self.candidates[slots[pick]])
+                with stage("check_head", rows.rows):
+                    rows.logits = stack.exit_logits_over(rows.hidden, self.candidates[slots[pick]])
                 check_head_rows[pick] = self.vocab
             elif self.clusters is not None:  # first check: candidates from the probed clusters
-                with stage("check_head", len(rows_state)):
-                    self.candidates[slots[pick]], logits, check_head_rows[pick] = self.clusters.pick(stack, rows_state, self.vocab)
+                with stage("check_head", rows.rows):
+                    self.candidates[slots[pick]], rows.logits, check_head_rows[pick] = self.clusters.pick(stack, rows.hidden, self.vocab)
                 self.pruned[slots[pick]] = True
             else:
-                with stage("check_head", len(rows_state)):
-                    logits = stack.exit_logits(rows_state)
-                self.candidates[slots[pick]] = logits.topk(self.vocab, dim=-1).indices
+                with stage("check_head", rows.rows):
+                    rows.logits = stack.exit_logits(rows.hidden)
+                self.candidates[slots[pick]] = rows.logits.topk(self.vocab, dim=-1).indices
                 self.pruned[slots[pick]] = True
-                full_logits = logits if not bool(pruned.any()) else None
+                full_logits = rows.logits if not bool(pruned.any()) else None
             with stage("check_features"):
-                features[pick] = compute_features(names, logits, rows_state, rows_previous, layer, num_layers).to(features.dtype)
+                features[pick] = compute_signals(self.names, rows).to(features.dtype)
         over_k = torch.ones_like(pruned) if self.clusters is not None else pruned
         return features, full_logits, over_k, check_head_rows

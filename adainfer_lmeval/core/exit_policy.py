@@ -28,9 +28,10 @@ class ModelIdentity:
 class ExitPolicy:
     """Base class. Subclasses set ``name``, ``params`` and override :meth:`decide`.
 
-    ``features`` lists the feature columns :meth:`decide` reads; the engine computes the exit
-    head only at layers where :meth:`consults_at` is true, and only if ``features`` is not
-    empty (a policy with no features, like ``static``, costs no head evaluations).
+    ``features`` names the signals :meth:`decide` reads (registered in :mod:`.features`), one
+    history column each; the engine runs exit checks only at layers where :meth:`consults_at`
+    is true, only if ``features`` is not empty (a policy with no features, like ``static``,
+    costs no head evaluations), and computes only what those signals read.
     """
 
     name = "base"

@@ -2,9 +2,11 @@
 
 One pass (an engine batch, or one generated token of a batch) has ``slots`` decision makers:
 the engine's row groups, or generation's rows. At a layer where the policy is consulted, the
-slots still running hand in their decision-position hidden states; the step runs the exit
-checks on them (:mod:`.exit_checks`), writes the features into each slot's history, counts the
-checks, the pruned ones and the head rows they multiplied, and returns the policy's stop mask.
+slots still running hand in their decision-position hidden states (and, for a policy reading
+answer options, their margin-position ones); the step runs the exit checks on them
+(:mod:`.exit_checks`), writes the signals into each slot's history, counts the checks, the
+pruned ones, the head rows they multiplied and those that read no vocabulary, and returns
+the policy's stop mask.
 What leaving means (emitting scored logits, filling skipped layers' keys and values) is the
 caller's business.
 
@@ -16,20 +18,35 @@ from __future__ import annotations
 import torch
 
 from adainfer_lmeval.core.exit_checks import ExitChecks
+from adainfer_lmeval.core.features import option_signals, signal_reads
+from adainfer_lmeval.errors import AdaInferError
 
 
 class ExitStep:
-    def __init__(self, stack, policy, vocab: int | None, clusters, slots: int, device):
+    """``options``: the slots' answer options (:class:`.options.AnswerOptions`), needed when
+    the policy reads an option signal."""
+
+    def __init__(self, stack, policy, vocab: int | None, clusters, slots: int, device, options=None):
         self.policy, self.num_layers = policy, stack.num_layers
         self.features = policy.features
-        self.exit_checks = ExitChecks(stack, vocab, slots, device, clusters)
+        reads = signal_reads(self.features)
+        self.reads_options = "options" in reads
+        if self.reads_options and options is None:
+            raise AdaInferError(
+                f"policy={policy.name} reads answer options ({', '.join(option_signals(self.features))}); "
+                "this batch has none: build it with options= and margin_offsets= (loglikelihood groups)"
+            )
+        self.exit_checks = ExitChecks(stack, self.features, vocab, slots, device, clusters, options)
         self.history = torch.full((slots, self.num_layers + 1, len(self.features)), float("nan"), device=device)
         self.checks = torch.zeros(slots, dtype=torch.long, device=device)
         self.pruned_checks = torch.zeros(slots, dtype=torch.long, device=device)  # of those, over K tokens only
         self.check_head_rows = torch.zeros(slots, dtype=torch.long, device=device)  # head rows they multiplied
-        # The "cosine" feature compares a slot's state with the one a layer before, so with it
-        # every layer's state is kept, consulted or not.
-        self.tracks_state = "cosine" in self.features
+        # of the checks, those that ran no head over the vocabulary (no signal of the policy reads it)
+        self.vocab_free_checks = torch.zeros(slots, dtype=torch.long, device=device)
+        self.vocab_free = bool(self.features) and "vocab" not in reads
+        # A signal over the hidden states ("cosine") compares a slot's state with the one a
+        # layer before, so with it every layer's state is kept, consulted or not.
+        self.tracks_state = "hidden" in reads
         self.previous: torch.Tensor | None = None  # [slots, d]: the last state remembered per slot
 
     def consults_at(self, layer: int) -> bool:
@@ -43,25 +60,30 @@ class ExitStep:
             self.previous = state.new_zeros((len(self.history), state.shape[-1]))
         self.previous[slots] = state
 
-    def decide(self, layer: int, state: torch.Tensor, slots: torch.Tensor):
+    def decide(self, layer: int, state: torch.Tensor, slots: torch.Tensor, option_state: torch.Tensor | None = None):
         """At a consulted ``layer``: (bool [n], which of ``slots`` stop; the full-vocabulary
-        check logits [n, vocab] where every row's check computed them, else None)."""
+        check logits [n, vocab] where every row's check computed them, else None).
+
+        ``option_state`` [n, d]: the slots' states at their margin positions (when the policy
+        reads answer options)."""
         check_logits = None
         if self.features:  # a policy without features (static) needs no exit head
             previous = self.previous[slots] if self.previous is not None else None
             feats, check_logits, over_k, head_rows = self.exit_checks.consult(
-                self.features, state, previous, layer, self.num_layers, slots)
+                state, previous, layer, self.num_layers, slots, option_state)
             self.history[slots, layer] = feats.to(self.history.dtype)
             self.checks[slots] += 1
             self.pruned_checks[slots] += over_k.long()
             self.check_head_rows[slots] += head_rows
+            if self.vocab_free:
+                self.vocab_free_checks[slots] += 1
         self.remember(state, slots)
         stop = self.policy.decide(layer, self.num_layers, self.history[slots, : layer + 1])
         return stop.to(slots.device), check_logits
 
-    def counts(self, slots: torch.Tensor | None = None) -> tuple[list[int], list[int], list[int]]:
-        """(checks, pruned checks, check head rows) per entry of ``slots`` (default: every slot),
-        in one host copy."""
-        counts = torch.stack([self.checks, self.pruned_checks, self.check_head_rows])
-        checks, pruned, head_rows = (counts if slots is None else counts[:, slots]).tolist()
-        return checks, pruned, head_rows
+    def counts(self, slots: torch.Tensor | None = None) -> tuple[list[int], list[int], list[int], list[int]]:
+        """(checks, pruned checks, check head rows, vocab-free checks) per entry of ``slots``
+        (default: every slot), in one host copy."""
+        counts = torch.stack([self.checks, self.pruned_checks, self.check_head_rows, self.vocab_free_checks])
+        checks, pruned, head_rows, vocab_free = (counts if slots is None else counts[:, slots]).tolist()
+        return checks, pruned, head_rows, vocab_free

@@ -13,6 +13,9 @@ embedding), and nothing else of the layer runs. That costs 2·d·d_kv weights pe
 layer, a few percent of a layer; recomputing the skipped layers properly would cost the
 layers themselves and save nothing.
 
+Generated tokens have no answer options, so a policy reading the option signals (``margin``,
+...) is refused here; the others read their signals at each step's token.
+
 The prompt runs at full depth except its last token: all prompt tokens but the last are
 attended to by every later token at every layer. The last prompt token is the first step,
 and its exit decides the first generated token like any other step.
@@ -30,7 +33,9 @@ from typing import Callable, Iterable
 import torch
 
 from adainfer_lmeval.core.engine import EarlyExitEngine
+from adainfer_lmeval.core.features import option_signals
 from adainfer_lmeval.core.kv_cache import RowCache
+from adainfer_lmeval.errors import AdaInferError
 
 
 @dataclass
@@ -41,6 +46,16 @@ class GenerationOutput:
     pruned_checks: list[list[int]]  # per row, per generated token: of those, over K tokens only
     check_rows: list[list[int]]  # per row, per generated token: head rows its checks multiplied (check head rows)
     prompt_lengths: list[int]  # real (unpadded) prompt tokens per row
+
+
+def refuse_option_signals(policy) -> None:
+    """Generation has no answer options: a policy reading option signals cannot run here."""
+    reads = option_signals(policy.features)
+    if reads:
+        raise AdaInferError(
+            f"policy={policy.name} reads answer options ({', '.join(reads)}); generate_until tasks have none: "
+            "use threshold or static"
+        )
 
 
 class EarlyExitGenerator:
@@ -68,6 +83,7 @@ class EarlyExitGenerator:
         ``finished(tokens_so_far)``: the caller's per-row stop check (stop strings); a row also
         ends at any of ``eos_token_ids``.
         """
+        refuse_option_signals(self.engine.policy)
         stack = self.stack
         rows, width = input_ids.shape
         device = input_ids.device
@@ -164,5 +180,5 @@ class EarlyExitGenerator:
             if not bool(keep.any()):
                 break
             hidden, alive, inputs = hidden[keep], alive[keep], inputs.select(keep)
-        checks, pruned_checks, check_head_rows = step.counts()
+        checks, pruned_checks, check_head_rows, _ = step.counts()  # no options here: no options-only checks
         return logits, exit_layers, checks, pruned_checks, check_head_rows

@@ -13,6 +13,10 @@ them as HFLM does and makes the answer options of a document one group, and
 * the layer's full-vocabulary top-1 token at that position;
 * the per-option loglikelihood at that layer (summed over the continuation tokens, as
   lm-eval's ``acc`` does) and the layer's chosen option (their argmax);
+* each option's logit at the group's margin position (the first position where the options
+  differ, :func:`~adainfer_lmeval.adapter.request_encoding.margin_offset` tokens past the
+  decision position): the answer-option signal of :mod:`adainfer_lmeval.core.options`, read from
+  the option's own row, as the engine reads it online;
 
 plus the gold option, each option's first token and a hash of the token rows. The output is
 a parquet file (one row per example; list columns over layers) whose schema metadata names
@@ -41,7 +45,7 @@ from adainfer_lmeval.offline.pypi import package_versions
 from adainfer_lmeval.core.features import FEATURE_NAMES
 from adainfer_lmeval.adapter import request_encoding as request_encoding
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: option_logits, margin_offset
 DEFAULT_FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed (lm_eval.defaults)
 
 
@@ -61,6 +65,11 @@ class Example:
     features: list[list[float]] = field(default_factory=list)  # [L][F]
     top1: list[int] = field(default_factory=list)  # [L]
     option_ll: list[list[float]] = field(default_factory=list)  # [L][options]
+    option_logits: list[list[float]] = field(default_factory=list)  # [L][options] at the margin position
+
+    @property
+    def margin_offset(self) -> int:
+        return request_encoding.margin_offset(self.continuations)
 
 
 _MANAGER = None
@@ -68,12 +77,13 @@ _MANAGER = None
 
 def load_tasks(task_names: list[str]) -> dict:
     """{leaf task name: task object} from lm-eval with this repository's offline tasks."""
-    from adainfer_lmeval.offline.data import configure_offline_environment, tasks_dir
+    from adainfer_lmeval.offline.environment import configure_offline_environment
+    from adainfer_lmeval.paths import tasks_dir
 
     configure_offline_environment()
     from lm_eval.tasks import TaskManager
 
-    from adainfer_lmeval.offline.data import check_tasks_available
+    from adainfer_lmeval.offline.data.availability import check_tasks_available
 
     check_tasks_available(task_names)
     global _MANAGER
@@ -123,7 +133,7 @@ def _gold_index(task, doc, choices: list[str]) -> int:
 
 def build_examples(lm, task, name: str, doc_ids: list[int], shots: int, fewshot_seed: int) -> list[Example]:
     """The task's lm-eval requests for ``doc_ids``, tokenized as AdaInferLM scores them."""
-    from adainfer_lmeval.adapter.backend import tokenized_requests
+    from adainfer_lmeval.adapter.loglikelihood import tokenized_requests
 
     if not hasattr(task, "_adainfer_default_shots"):  # the YAML's own value, before we set ours
         task._adainfer_default_shots = task.get_config("num_fewshot")
@@ -165,7 +175,7 @@ def build_examples(lm, task, name: str, doc_ids: list[int], shots: int, fewshot_
 
 @torch.no_grad()
 def trace_examples(engine, examples: list[Example], device, rows_per_batch=16, tokens_per_batch=4096, progress=None):
-    """Fill each example's per-layer features, top-1 tokens and option loglikelihoods."""
+    """Fill each example's per-layer features, top-1 tokens, option loglikelihoods and option logits."""
     from adainfer_lmeval.core.engine import ExitBatch
 
     # One group per document (two documents with the same prompt stay two); identical rows
@@ -184,19 +194,24 @@ def trace_examples(engine, examples: list[Example], device, rows_per_batch=16, t
         for ex, _, i in owners:
             first.setdefault(id(ex), i)
         for ex in batch_examples:
-            ex.features, ex.top1, ex.option_ll = [], [], []
+            ex.features, ex.top1, ex.option_ll, ex.option_logits = [], [], [], []
+        offsets = {id(ex): ex.margin_offset for ex in batch_examples}
         for view in engine.trace(batch):
             feats = view.features.float().cpu()
             logps = [F.log_softmax(lg.float(), dim=-1) for lg in view.logits]
             lls: dict[int, list[float]] = {}
+            logits: dict[int, list[float]] = {}
             for ex, j, i in owners:
                 cont = torch.tensor(ex.continuations[j], dtype=torch.long, device=logps[i].device)
                 lls.setdefault(id(ex), []).append(float(logps[i].gather(1, cont.unsqueeze(1)).sum()))
+                at = offsets[id(ex)]
+                logits.setdefault(id(ex), []).append(float(view.logits[i][at, ex.continuations[j][at]]))
             for ex in batch_examples:
                 i = first[id(ex)]
                 ex.features.append([float(v) for v in feats[i]])
                 ex.top1.append(int(view.logits[i][0].argmax()))
                 ex.option_ll.append(lls[id(ex)])
+                ex.option_logits.append(logits[id(ex)])
         if progress is not None:
             progress.update(len(batch_examples))
 
@@ -217,12 +232,15 @@ def examples_table(examples: list[Example]):
         "top1": [e.top1 for e in examples],
         "option_ll": [e.option_ll for e in examples],
         "option_choice": [[max(range(len(ll)), key=ll.__getitem__) for ll in e.option_ll] for e in examples],
+        "option_logits": [e.option_logits for e in examples],
+        "margin_offset": [e.margin_offset for e in examples],
     }
     schema = pa.schema([
         ("source", pa.string()), ("task", pa.string()), ("doc_id", pa.int64()), ("num_fewshot", pa.int32()), ("n_options", pa.int32()),
         ("gold", pa.int32()), ("context_tokens", pa.int32()), ("option_first_token", pa.list_(pa.int64())),
         ("features", pa.list_(pa.list_(pa.float32()))), ("top1", pa.list_(pa.int64())),
         ("option_ll", pa.list_(pa.list_(pa.float32()))), ("option_choice", pa.list_(pa.int32())),
+        ("option_logits", pa.list_(pa.list_(pa.float32()))), ("margin_offset", pa.int32()),
     ])
     return pa.table(cols, schema=schema)
 
@@ -319,18 +337,41 @@ def collect(
     return meta
 
 
+def _metadata(path: Path, schema) -> dict:
+    raw = (schema.metadata or {}).get(b"adainfer")
+    if raw is None:
+        raise AdaInferError(f"{path}: parquet file has no adainfer metadata (not written by adainfer_lmeval.experiments.collect)")
+    return json.loads(raw)
+
+
+def _unreadable(path: Path, error: Exception) -> AdaInferError:
+    return AdaInferError(f"{path}: not a readable feature parquet ({type(error).__name__}: {str(error).splitlines()[0]})")
+
+
+def read_metadata(path: Path) -> dict:
+    """The metadata of a collected file of any schema version (reads no rows)."""
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except Exception as error:  # noqa: BLE001
+        raise _unreadable(path, error) from None
+    return _metadata(path, schema)
+
+
 def read_collection(path: Path) -> tuple[dict, dict]:
-    """(metadata, columns as python lists) of a collected parquet file."""
+    """(metadata, columns as python lists) of a collected parquet file of this schema version."""
     import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(path)
     except Exception as error:  # noqa: BLE001
-        raise AdaInferError(f"{path}: not a readable feature parquet ({type(error).__name__}: {str(error).splitlines()[0]})") from None
-    raw = (table.schema.metadata or {}).get(b"adainfer")
-    if raw is None:
-        raise AdaInferError(f"{path}: parquet file has no adainfer metadata (not written by adainfer_lmeval.experiments.collect)")
-    return json.loads(raw), table.to_pydict()
+        raise _unreadable(path, error) from None
+    meta = _metadata(path, table.schema)
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise AdaInferError(f"{path}: collected with schema {meta.get('schema_version')}, this version reads {SCHEMA_VERSION} "
+                            "(it adds option_logits): collect it again")
+    return meta, table.to_pydict()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from adainfer_lmeval.core.accounting import CostModel
     from adainfer_lmeval.core.architectures import DecoderStack
-    from adainfer_lmeval.offline.model_zoo import resolve_pretrained
+    from adainfer_lmeval.offline.models.fetch import resolve_pretrained
 
     for name in (sys.argv[1:] if argv is None else argv):
         config = transformers.AutoConfig.from_pretrained(resolve_pretrained(name))

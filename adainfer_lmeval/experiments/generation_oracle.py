@@ -16,29 +16,37 @@ import torch
 
 from adainfer_lmeval.core.accounting import summarize
 from adainfer_lmeval.core.engine import ExitBatch
-from adainfer_lmeval.experiments.oracle import oracle_layer
+from adainfer_lmeval.experiments.oracle import exit_logits_blocks, scan_down, scored_states
 
 
+@torch.no_grad()
 def token_oracle_layers(engine, prompts: list[list[int]], generations: list[list[int]], device) -> list[list[int]]:
-    """Per sequence, per generated token: its oracle layer (teacher-forced trace, one batch per call)."""
+    """Per sequence, per generated token: its oracle layer (teacher-forced, one batch per call).
+
+    The head reads each token's position from the last layer down and stops at the first layer
+    whose top-1 differs from the last layer's (:func:`.oracle.scan_down`)."""
     rows, decisions = [], []
     for prompt, generated in zip(prompts, generations):
         rows.append(prompt + generated[:-1])
         decisions.append(len(prompt) - 1)
-    per_layer_top1: list[list[torch.Tensor]] = [[] for _ in rows]
-    for view in engine.trace(ExitBatch.from_rows(rows, decisions, device=device)):
-        for i, logits in enumerate(view.logits):
-            per_layer_top1[i].append(logits.argmax(-1).cpu())
-    layers = []
-    for generated, tops in zip(generations, per_layer_top1):
-        table = torch.stack(tops)  # [L, tokens]
-        layers.append([oracle_layer(table[:, t].tolist()) for t in range(len(generated))])
-    return layers
+    # one scored position per generated token (an empty generation: one unused), sequence after sequence
+    states = scored_states(engine.stack, ExitBatch.from_rows(rows, decisions, device=device))
+
+    def top1_at(layer: int, positions: list[int]) -> list[int]:
+        hidden = states[layer - 1, torch.tensor(positions, device=states.device)]
+        return [token for _, logits in exit_logits_blocks(engine.stack, hidden) for token in logits.argmax(-1).tolist()]
+
+    layers = scan_down(states.shape[1], engine.num_layers, top1_at)
+    per_sequence, start = [], 0
+    for generated, row, decision in zip(generations, rows, decisions):
+        per_sequence.append(layers[start : start + len(generated)])
+        start += len(row) - decision
+    return per_sequence
 
 
 def generation_oracle_run(backend, task_name: str, limit, num_fewshot, task_manager) -> dict:
     """A run record (like :mod:`.suite` writes) for the per-token oracle of a generation task."""
-    import lm_eval
+    from adainfer_lmeval.adapter.harness import evaluate
 
     captured = []  # (context string, prompt tokens, generated tokens) of every generated row
     generate = backend.generator.generate
@@ -55,7 +63,7 @@ def generation_oracle_run(backend, task_name: str, limit, num_fewshot, task_mana
 
     backend.generator.generate = capturing
     try:
-        results = lm_eval.simple_evaluate(
+        results = evaluate(
             model=backend, tasks=[task_name], limit=limit, num_fewshot=num_fewshot, log_samples=True,
             task_manager=task_manager, bootstrap_iters=1000,
         )

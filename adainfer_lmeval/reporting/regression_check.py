@@ -25,10 +25,10 @@ from collections import Counter
 from pathlib import Path
 
 from adainfer_lmeval.errors import AdaInferError
-from adainfer_lmeval.reporting.report import FULL, compare_rows, leaf_samples, load_runs, metric_of
+from adainfer_lmeval.reporting.comparison import FULL, compare_rows, leaf_samples, load_runs, metric_of
 
 IDENTITY = ("model", "task", "policy")
-SETTINGS = ("num_fewshot", "limit")
+SHOTS_AND_LIMIT = ("num_fewshot", "limit")  # settings both rows must share
 # What a baseline row must hold, and of what type (None allowed where the figure may be absent).
 ROW_FIELDS = {"model": (str,), "task": (str,), "policy": (str,), "num_fewshot": (int, type(None)),
               "limit": (int, float, type(None)), "early_exit": (int, float), "layers_saved_pct": (int, float)}
@@ -39,7 +39,7 @@ def _is_early_exit(row: dict) -> bool:
 
 
 def _row_key(row: dict) -> tuple:
-    return tuple(row[k] for k in IDENTITY + SETTINGS)
+    return tuple(row[k] for k in IDENTITY + SHOTS_AND_LIMIT)
 
 
 def validate_baseline(baseline, source: str = "baseline") -> list[dict]:
@@ -162,10 +162,10 @@ def check_rows(current: list[dict], baseline: list[dict], max_accuracy_drop: flo
         ident = tuple(base[k] for k in IDENTITY)
         name = "/".join(map(str, ident))
         candidates = [r for r in current if tuple(r[k] for k in IDENTITY) == ident]
-        same = [r for r in candidates if all(r[k] == base[k] for k in SETTINGS)]
+        same = [r for r in candidates if all(r[k] == base[k] for k in SHOTS_AND_LIMIT)]
         if not same and candidates:
             now = candidates[0]
-            differing = [k for k in SETTINGS if now[k] != base[k]]
+            differing = [k for k in SHOTS_AND_LIMIT if now[k] != base[k]]
             raise AdaInferError(
                 f"{name}: cannot compare runs with different {', '.join(differing)} "
                 f"({', '.join(f'{k} {base[k]} vs {now[k]}' for k in differing)}); rerun with the baseline's settings"

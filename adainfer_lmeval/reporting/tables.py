@@ -1,6 +1,6 @@
 """The report's column table and its renderers: one list of :class:`Column` drives the Markdown,
 CSV and HTML forms of a table (the long per-run table and each model's leaderboard), so adding a
-column is one place. Nothing here reads run files (see :mod:`.report`)."""
+column is one place. It renders rows built elsewhere (:mod:`.comparison`, :mod:`.leaderboard`)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+from adainfer_lmeval.reporting.leaderboard import WITHIN_POINTS
 
 # --- The column table: Markdown, CSV and HTML all render from lists of these ---------------------
 
@@ -80,14 +82,6 @@ RUN_COLUMNS = [
     Column("note", "note", lambda r: "AT CHANCE: saving proves nothing" if r["at_chance"] else "", numeric=False,
            muted=lambda r: r["at_chance"]),
 ]
-HEADERS = [c.header for c in RUN_COLUMNS]
-
-
-def _cells(r: dict) -> list:
-    return [c.text(r) for c in RUN_COLUMNS]
-
-
-WITHIN_POINTS = 1.0  # a policy "keeps accuracy" when its macro Δ is no worse than this many points
 
 
 def _rank_text(row: dict) -> str:

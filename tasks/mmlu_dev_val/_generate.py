@@ -6,7 +6,7 @@ with the first_n sampler) and changes only the evaluated split and the tag.
 
 from pathlib import Path
 
-from adainfer_lmeval.offline.data import MMLU_SUBJECTS
+from adainfer_lmeval.offline.data.catalogue import MMLU_SUBJECTS
 
 HERE = Path(__file__).resolve().parent
 SPLITS = {

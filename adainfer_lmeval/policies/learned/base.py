@@ -1,22 +1,20 @@
-"""AdaInfer's learned stop classifiers: one estimator class per kind, one exit-policy wrapper.
+"""What every learned kind shares: the estimator base class, the kind registry, the policy wrapper.
 
 A kind is a :class:`LearnedKind` subclass in the scikit-learn style: ``fit(X, y)`` on layer
 sequences, ``decision_function(X)`` (torch in, torch out, a batch of rows), plain parameters
 (``to_dict`` / ``from_dict`` of its JSON payload, ``files`` for what sits next to the JSON).
 :func:`register_kind` puts it in :data:`LEARNED_KINDS` (what training, the study and
-``policy=file`` look kinds up in) and makes ``policy=<kind>`` an exit policy.
+``policy=file`` look kinds up in) and, unless the kind brings its own exit policy (the margin's
+is the ``policy=margin`` rule), makes ``policy=<kind>`` one.
 
-:class:`LearnedPolicy` is the one wrapper: it loads ``policies/<model>/<kind>.json`` (or
-``path=``) through :mod:`.files`, checks that it fits the running model, and applies the
-operating point: stop at the first layer l >= ``min_layer`` whose score reaches ``threshold``.
-A score at layer l reads layers <= l only: the SVM's is its decision value on layer l; the CRF's
-is the marginal P(stop at l | layers seq_start..l) of the linear-chain CRF on that prefix, the
-forward algorithm's alpha at l normalised, carried from one layer to the next.
+:class:`LearnedPolicy` is the wrapper of the classifier kinds: it loads
+``policies/<model>/<kind>.json`` (or ``path=``) through :mod:`adainfer_lmeval.policies.files`,
+checks that it fits the running model, and applies the operating point: stop at the first layer
+l >= ``min_layer`` whose score reaches ``threshold``. A score at layer l reads layers <= l only.
 """
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,17 +25,28 @@ from adainfer_lmeval.errors import AdaInferError
 from adainfer_lmeval.policies import ExitPolicy, ModelIdentity, register_policy
 
 LEARNED_KINDS: dict[str, type["LearnedKind"]] = {}
+#: signals measured against the previous consulted layer (NaN at the first). Training reads them
+#: against the layer before, so a policy reading them consults one layer before its first decision.
+CHANGE_SIGNALS = ("option_change", "option_kl")
 
 
-def register_kind(name: str):
-    """Class decorator: a learned kind ``name``, reachable as ``policy=name`` and by training."""
+def register_kind(name: str, policy: type[ExitPolicy] | None = None):
+    """Class decorator: a learned kind ``name``, found by training and ``policy=file``.
+
+    Its files load as ``policy`` when given (an exit policy class taking ``path``, ``threshold``
+    and ``min_layer``, under no policy name of its own); otherwise as a :class:`LearnedPolicy`
+    registered as ``policy=name``, which without ``path`` binds to the model's shipped file.
+    """
 
     def wrap(cls):
         cls.kind = name
         LEARNED_KINDS[name] = cls
-        policy = type(f"{cls.__name__.removesuffix('Kind')}Policy", (LearnedPolicy,), {"kind": name, "__doc__": cls.__doc__})
-        policy.__module__ = __name__
-        cls.policy = register_policy(name)(policy)
+        if policy is not None:
+            cls.policy = policy
+            return cls
+        wrapper = type(f"{cls.__name__.removesuffix('Kind')}Policy", (LearnedPolicy,), {"kind": name, "__doc__": cls.__doc__})
+        wrapper.__module__ = cls.__module__
+        cls.policy = register_policy(name)(wrapper)
         return cls
 
     return wrap
@@ -55,12 +64,16 @@ def read_policy(path: str | Path) -> tuple[type["LearnedKind"], dict]:
     kind = LEARNED_KINDS.get(meta["kind"])
     if kind is None:
         raise AdaInferError(f"{path}: unknown policy kind {meta['kind']!r}; known: {', '.join(LEARNED_KINDS)}")
+    if kind.scaled:
+        pf.check_scaler(Path(path), meta)
     kind.check_dict(Path(path), meta)
     return kind, meta
 
 
 def _standardize(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return (x.to(torch.float64) - mean) / scale
+    """Standardized features; a missing value (NaN: a change signal with no layer before) sits at the mean."""
+    z = (x.to(torch.float64) - mean) / scale
+    return z.masked_fill(z.isnan(), 0.0)
 
 
 class LearnedKind:
@@ -77,6 +90,12 @@ class LearnedKind:
     seq_start: int | None = None
     #: what the score is (recorded with the operating point)
     score_meaning = ""
+    #: whether the kind standardizes its inputs (its file then holds a "scaler")
+    scaled = True
+    #: whether ``fit`` learns anything from the labels (if not, scores need no cross-fitting)
+    fits_parameters = True
+    #: the highest threshold the policy accepts (None: any finite number)
+    max_threshold: float | None = None
 
     def __init__(self, mean=None, scale=None):
         self.mean = None if mean is None else [float(v) for v in mean]
@@ -109,7 +128,7 @@ class LearnedKind:
 
     def _fit_scaler(self, x: np.ndarray) -> np.ndarray:
         """Set the scaler from rows ``x`` [n, F]; returns them standardized."""
-        mean, scale = x.mean(0), x.std(0)
+        mean, scale = np.nan_to_num(np.nanmean(x, 0)), np.nan_to_num(np.nanstd(x, 0))
         scale[scale < 1e-8] = 1.0
         self.mean, self.scale, self._tensors = mean.tolist(), scale.tolist(), {}
         as_tensor = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
@@ -178,7 +197,7 @@ class LearnedPolicy(ExitPolicy):
     def _load(self, path: Path) -> None:
         kind, meta = read_policy(path)
         if self.kind and meta["kind"] != self.kind:
-            raise AdaInferError(f"{path} holds a {meta['kind']} policy, not {self.kind}; use policy={meta['kind']},path=... or policy={path}")
+            raise AdaInferError(f"{path} holds a {meta['kind']} policy, not {self.kind}; use policy=file,path={path}")
         self.estimator = kind.from_dict(meta, path)
         self.meta = meta
         self.source = str(path)
@@ -206,6 +225,8 @@ class LearnedPolicy(ExitPolicy):
     def consults_at(self, layer: int, num_layers: int) -> bool:
         start = self.estimator.seq_start if self.estimator is not None else None
         first = self.min_layer if start is None else min(start, self.min_layer)  # a chain reads every layer
+        if any(name in CHANGE_SIGNALS for name in self.features):
+            first = max(1, first - 1)  # the layer before the first decision, as training compared with it
         return first <= layer < num_layers
 
     def decide(self, layer, num_layers, history):
@@ -261,167 +282,3 @@ class PolicyFile(ExitPolicy):
             raise AdaInferError("policy=file needs path=<policy .json>, e.g. policy=file,path=policies/smollm2-135m/svm.json")
         kind, _ = read_policy(path)
         return kind.policy(path=path, threshold=threshold, min_layer=min_layer)
-
-
-@register_kind("svm")
-class SvmKind(LearnedKind):
-    """AdaInfer's linear SVM on single layers: score = coef · standardized features + intercept."""
-
-    score_meaning = "SVM decision value"
-
-    def __init__(self, mean=None, scale=None, coef=None, intercept: float = 0.0):
-        super().__init__(mean, scale)
-        self.coef = None if coef is None else [float(v) for v in coef]
-        self.intercept = float(intercept)
-
-    def to_dict(self) -> dict:
-        return {**super().to_dict(), "coef": list(self.coef), "intercept": self.intercept}
-
-    @classmethod
-    def check_dict(cls, path, meta):
-        pf.vector(path, meta, "coef", len(meta["features"]))
-        pf.number(path, meta, "intercept")
-
-    @classmethod
-    def from_dict(cls, meta, path=None):
-        return cls(meta["scaler"]["mean"], meta["scaler"]["scale"], meta["coef"], meta["intercept"])
-
-    def fit(self, X, y, C: float = 0.1):
-        from sklearn.svm import LinearSVC
-
-        x = np.asarray(X, dtype=np.float64).reshape(-1, X.shape[-1])
-        t = np.asarray(y).reshape(-1)
-        z = self._fit_scaler(x)
-        if t.all() or not t.any():  # one class only: a constant score
-            self.coef, self.intercept = [0.0] * x.shape[1], 1.0 if t.all() else -1.0
-        else:
-            clf = LinearSVC(C=C, class_weight="balanced", max_iter=20000).fit(z, t)
-            self.coef, self.intercept = clf.coef_[0].tolist(), float(clf.intercept_[0])
-        self._tensors = {}
-        return self
-
-    def _build_tensors(self):
-        return {"coef": torch.tensor(self.coef, dtype=torch.float64)}
-
-    def step(self, state, x):
-        return None, self.standardize(x) @ self.tensors(x.device)["coef"] + self.intercept
-
-
-def crf_item(values) -> dict:
-    """One layer as crfsuite attributes: standardized feature values and a bias."""
-    item = {f"f{i}": float(v) for i, v in enumerate(values)}
-    item["bias"] = 1.0
-    return item
-
-
-@register_kind("crf")
-class CrfKind(LearnedKind):
-    """A linear-chain CRF over layers (labels stop/go), trained by crfsuite; scored in torch.
-
-    The emission of label y at a layer is the sum over the layer's attributes (:func:`crf_item`)
-    of weight(attribute, y) × value; the score at layer l is the forward algorithm's alpha at l
-    normalised: P(stop at l | layers seq_start..l).
-    """
-
-    seq_start = 1
-    score_meaning = "CRF marginal P(stop at l | layers seq_start..l)"
-    crfsuite_file = "crf.crfsuite"
-
-    def __init__(self, mean=None, scale=None, model_bytes: bytes | None = None, seq_start: int = 1):
-        super().__init__(mean, scale)
-        self.model_bytes = model_bytes
-        self.seq_start = int(seq_start)
-        self._cached_weights: dict | None = None
-
-    def to_dict(self) -> dict:
-        return {**super().to_dict(), "seq_start": self.seq_start, "crfsuite_file": self.crfsuite_file,
-                "crfsuite_sha256": pf.sha256_bytes(self.model_bytes)}
-
-    def files(self):
-        return {self.crfsuite_file: self.model_bytes}
-
-    @classmethod
-    def check_dict(cls, path, meta):
-        pf.positive_int(path, meta, "seq_start", 1)
-        pf.check_crfsuite_fields(path, meta)
-
-    @classmethod
-    def from_dict(cls, meta, path=None):
-        if path is None:
-            raise AdaInferError("a CRF policy is read from its file (its crfsuite model sits next to the JSON)")
-        data = pf.read_crfsuite_bytes(Path(path), meta)
-        kind = cls(meta["scaler"]["mean"], meta["scaler"]["scale"], data, meta.get("seq_start", 1))
-        kind._weights(source=path)  # a model whose labels or attributes are not ours fails now
-        return kind
-
-    @classmethod
-    def check_files(cls, path, meta):
-        pf.read_crfsuite_bytes(Path(path), meta, smoke=False)
-
-    def fit(self, X, y, c2: float = 0.1, max_iterations: int = 200):
-        import sklearn_crfsuite
-
-        x = np.asarray(X, dtype=np.float64)
-        z = self._fit_scaler(x.reshape(-1, x.shape[-1])).reshape(x.shape)
-        xs = [[crf_item(v) for v in seq] for seq in z]
-        ys = [[pf.STOP if s else pf.GO for s in seq] for seq in y]
-        if y.all() or not y.any():  # crfsuite needs both labels: add one flipped dummy sequence
-            xs.append(xs[0])
-            ys.append([pf.GO if s == pf.STOP else pf.STOP for s in ys[0]])
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / self.crfsuite_file
-            crf = sklearn_crfsuite.CRF(algorithm="lbfgs", c1=0.0, c2=c2, max_iterations=max_iterations,
-                                       all_possible_transitions=True, model_filename=str(path))
-            crf.fit(xs, ys)
-            self.model_bytes = path.read_bytes()
-        if not self.model_bytes.startswith(pf.CRF_MAGIC):
-            raise AdaInferError("crfsuite wrote an unexpected model file")
-        self._tensors, self._cached_weights = {}, None
-        return self
-
-    def _weights(self, source="crfsuite model") -> dict:
-        """Emission weights [F + 1, 2] (rows f0..f{F-1}, bias; columns stop, go) and transitions
-        [2, 2] (from, to), read from the crfsuite model once."""
-        if self._cached_weights is None:
-            import pycrfsuite
-
-            tagger = pycrfsuite.Tagger()
-            try:
-                tagger.open_inmemory(self.model_bytes)
-                info = tagger.info()
-            except Exception as error:  # noqa: BLE001  (crfsuite's own errors are not ours)
-                raise AdaInferError(f"{source}: corrupt crfsuite model ({type(error).__name__}: {error})") from None
-            finally:
-                tagger.close()
-            labels = [pf.STOP, pf.GO]
-            if sorted(info.labels) != sorted(labels):
-                raise AdaInferError(f"{source}: crfsuite model has labels {sorted(info.labels)}, expected {labels}")
-            names = [f"f{i}" for i in range(len(self.mean))] + ["bias"]
-            emission = torch.zeros(len(names), 2, dtype=torch.float64)
-            for (attribute, label), weight in info.state_features.items():
-                if attribute not in names:
-                    raise AdaInferError(f"{source}: crfsuite model reads attribute {attribute!r}; "
-                                        f"a policy's are {names[0]}..{names[-2]} and bias")
-                emission[names.index(attribute), labels.index(label)] = weight
-            transitions = torch.zeros(2, 2, dtype=torch.float64)
-            for (src, dst), weight in info.transitions.items():
-                transitions[labels.index(src), labels.index(dst)] = weight
-            self._cached_weights = {"emission": emission, "transitions": transitions}
-        return self._cached_weights
-
-    def _build_tensors(self):
-        weights = self._weights()
-        mean = torch.tensor(self.mean, dtype=torch.float64)
-        scale = torch.tensor(self.scale, dtype=torch.float64)
-        emission = weights["emission"][:-1]
-        # the scaler folded in: ((x - mean) / scale) @ W + b = x @ (W / scale) + (b - (mean / scale) @ W)
-        return {"emission": emission / scale[:, None], "bias": weights["emission"][-1] - (mean / scale) @ emission,
-                "transitions": weights["transitions"]}
-
-    def step(self, alpha, x):
-        t = self.tensors(x.device)
-        emission = torch.addmm(t["bias"], x.to(torch.float64), t["emission"])  # [rows, 2]
-        if alpha is not None:  # alpha_l(y) = logsumexp_y' (alpha_{l-1}(y') + transition(y', y)) + emission_l(y)
-            emission = emission + torch.logsumexp(alpha[:, :, None] + t["transitions"], dim=1)
-        alpha = torch.log_softmax(emission, dim=1)  # normalised: log P(label at l | layers seq_start..l)
-        return alpha, alpha[:, 0].exp()

@@ -1,0 +1,102 @@
+"""The benchmark's tables and its report files (``benchmark.json``, ``benchmark.md``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from adainfer_lmeval.experiments.bench.machine import OTHERS_QUIET
+
+COLUMNS = ["model", "batch", "variant", "mean layers", "ideal speedup", "measured speedup", "measured/ideal",
+           "time vs hf", "median s", "requests", "same exits as full checks"]
+
+
+def table_rows(results: list[dict]) -> list[list]:
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    out = []
+    for res in results:
+        for r in res["rows"]:
+            layers = "-" if r["mean_layers"] is None else f"{r['mean_layers']:.1f}/{res['num_layers']}"
+            out.append([r["model"], r["batch"], r["variant"], layers, f(r["ideal_speedup"], ".2f"),
+                        f(r["measured_speedup"], ".2f"), f(r["measured_over_ideal"], ".2f"),
+                        f(r["time_vs_hf"], ".3f"), f(r["median_s"], ".2f"), r["requests"],
+                        f(None if r.get("same_exit_as_full_checks") is None else 100 * r["same_exit_as_full_checks"], ".0f")])
+    return out
+
+
+def format_tables(results: list[dict]) -> str:
+    from tabulate import tabulate
+
+    main_table = tabulate(table_rows(results), headers=COLUMNS, tablefmt="github")
+    dec = []
+    for res in results:
+        d = res.get("decision_cost")
+        if d:
+            dec.append([res["model"], d["tokens"], f"{d['layer_ms']:.2f}", f"{d['decision_ms']:.2f}",
+                        f"{d['decision_pct_of_layer']:.1f}", f"{d['decision_16rows_ms']:.2f}",
+                        f"{d['decision_16rows_pct_of_layer']:.1f}", f"{d['flops_pct_of_layer']:.1f}",
+                        f"{d.get('pruned_decision_ms', float('nan')):.3f}", f"{d.get('pruned_decision_pct_of_layer', float('nan')):.2f}"])
+    dec_table = tabulate(dec, headers=["model", "tokens", "layer ms (batch 1)", "decision ms (1 pos)",
+                                       "decision % of layer", "decision ms (16 pos)", "16-pos % of layer",
+                                       "FLOPs % of layer", "pruned decision ms (K tokens)", "pruned % of layer"],
+                         tablefmt="github")
+    br = []
+    for res in results:
+        for key, b in (res.get("breakdown") or {}).items():
+            p = b["percent"]
+            br.append([res["model"], key, f"{b['total_s']:.2f}"] + [f"{p[k]:.1f}" for k in
+                      ("layers", "check_head", "check_features", "emit", "layer_inputs", "embed", "engine_other",
+                       "backend_other")] + [b["calls"]["checks"]])
+    br_table = tabulate(br, headers=["model", "variant@batch", "total s", "layers %", "check head %",
+                                     "check softmax+top2 %", "emit head %", "masks/rope %", "embed %",
+                                     "engine other %", "backend other %", "check calls"], tablefmt="github")
+    rec = []
+    for res in results:
+        r, d = res.get("picker_recall"), res.get("decision_cost") or {}
+        if r:
+            rec.append([res["model"], r["clusters"], r["probes"], f"{r['first_layer']}..{res['num_layers'] - 1}",
+                        r["checks"], f"{100 * r['top1_recall']:.1f}", f"{r['mean_abs_gap_error']:.4f}",
+                        f"{100 * r['gap_error_over_0.05']:.1f}", f"{r['mean_head_rows']:.0f} ({r['head_rows_pct_of_vocab']:.1f}%)",
+                        f"{r['pick_ms']:.3f}", f"{100 * r['pick_ms'] / d['layer_ms']:.2f}" if d.get("layer_ms") else "-"])
+    rec_table = tabulate(rec, headers=["model", "clusters", "probes", "layers", "checks", "top-1 recall %",
+                                       "mean |gap error|", "gap error > 0.05 %", "head rows per pick (% of vocab)",
+                                       "pick ms (these states)", "pick % of layer"],
+                         tablefmt="github") if rec else "(no head-clusters variant)"
+    return (f"{main_table}\n\nExit decision vs one decoder layer (synthetic sequence, torch timer medians):\n\n{dec_table}"
+            f"\n\nHead-clusters picker against the full head, on the benchmark's contexts at full depth:\n\n{rec_table}"
+            f"\n\nWhere the adainfer time goes (one instrumented pass each):\n\n{br_table}")
+
+
+def write_report(out_dir: Path, payload: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "benchmark.json").write_text(json.dumps(payload, indent=2, default=str))
+    env, state = payload["environment"], payload["machine_state"]
+    lines = [
+        "# AdaInfer wall-clock benchmark",
+        "",
+        f"- command: `{env['command']}`",
+        f"- date (UTC): {env['date']}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
+        f"- python {env['python']} on {env['platform']}; {env['cpu_count']} CPUs; torch threads {env['torch_threads']}",
+        f"- load (1-min average) before measuring: {state['load_at_start']:.2f} at worst, after waiting {state['waited_s']:.0f} s in all"
+        + "; during the timed passes (our own 2 threads included in the load average): "
+        + "; ".join(f"{r['model']}: load {r['load_during']['min']:.2f}..{r['load_during']['max']:.2f}, other processes "
+                    f"used {r['load_during']['others_cores_median']:.2f} cores (median over passes; max "
+                    f"{r['load_during']['others_cores_max']:.2f})" for r in payload["results"]),
+        f"- **{'quiet machine' if state['quiet_throughout'] else 'TAKEN UNDER LOAD: timings are unreliable'}** "
+        f"(quiet: 1-min load < {state['max_load']} before starting and other processes using < "
+        f"{OTHERS_QUIET} cores during the timed passes)",
+        f"- requests: {payload['requests_per_task']}; batch sizes {payload['batch_sizes']}; repeats {payload['repeats']} (median)",
+        "",
+        "Ideal speedup = full-depth FLOPs / FLOPs executed (layers run + exit-head checks), from the responses' "
+        "ExitRecords. Measured speedup = time(policy=full) / time(variant), paired per repeat, median. "
+        "Time vs hf = time(variant) / time(hf backend), same batch size, paired, median.",
+        "",
+        format_tables(payload["results"]),
+        "",
+    ]
+    for res in payload["results"]:
+        lines.append(f"- {res['model']}: max |logprob(full) - logprob(hf)| = {res['max_abs_logprob_diff_full_vs_hf']}")
+    (out_dir / "benchmark.md").write_text("\n".join(lines) + "\n")

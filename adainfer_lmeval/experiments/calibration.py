@@ -1,0 +1,173 @@
+"""Operating points: the (threshold, min_layer) a policy runs at, chosen on held-out documents.
+
+A policy stops at the first layer l >= ``min_layer`` whose score reaches ``threshold``
+(:func:`exit_layers`). :func:`calibrate` picks the pair on calibration documents by one of
+:data:`CRITERIA`:
+
+* ``guarantee`` (the default of training): as in CALM's Learn-then-Test (Schuster et al., 2022),
+  a point is accepted only if the one-sided binomial (Clopper-Pearson) upper confidence bound
+  on its rate of answers changed against full depth, over the n calibration documents, is at
+  most δ (``max_changed``). Thresholds are tested from the strictest down for each
+  ``min_layer`` (fixed-sequence testing), and a path stops at its first failure, so that a
+  lucky aggressive threshold past a failing one is never taken. Each of the L - 1 ``min_layer``
+  paths is tested at 1 - (1 - confidence) / (L - 1) (Bonferroni), so that the best of them still
+  holds at ``confidence``.
+* ``agreement``: at most ``tolerance`` of the calibration answers changed (empirical);
+* ``accuracy``: calibration accuracy within ``tolerance`` of full depth (empirical).
+
+With few documents no point but the most cautious passes the guarantee: the bound for 0
+changes in n documents is 1 - (1 - confidence)^(1/n) (0.03 at n = 100, 95%), so δ = 0.01 at
+95% needs about 300 calibration documents with no change at all (0.00994 at n = 300), and with
+the Bonferroni correction over a 30-layer model's 29 paths about 640.
+A document answered under several few-shot settings counts once, as changed if any of its
+answers changed (its rows are not independent draws).
+
+Among the accepted points, the one with the fewest layers run wins; each consultation is
+charged ``check_cost`` decoder layers, so that of two points that exit alike the one that
+consults from a later layer wins.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import beta
+
+CRITERIA = ("guarantee", "agreement", "accuracy")
+DEFAULT_CHECK_COST = 0.05  # one consultation, in decoder layers (the target of reports/benchmark/)
+
+
+def changed_upper_bound(changed: int, n: int, confidence: float = 0.95) -> float:
+    """The one-sided Clopper-Pearson upper bound on the true changed rate after seeing
+    ``changed`` of ``n`` calibration answers change (1.0 when n is 0)."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence={confidence} must be between 0 and 1")
+    if not 0 <= changed <= n:
+        raise ValueError(f"changed={changed} must be between 0 and n={n}")
+    if n == 0 or changed == n:
+        return 1.0
+    return float(beta.ppf(confidence, changed + 1, n - changed))
+
+
+def passes_guarantee(changed: int, n: int, max_changed: float, confidence: float = 0.95) -> bool:
+    """Whether an operating point that changed ``changed`` of ``n`` calibration answers may be
+    used under ``max_changed`` (δ) at ``confidence``."""
+    return changed_upper_bound(changed, n, confidence) <= max_changed
+
+
+def exit_layers(scores: np.ndarray, threshold: float, min_layer: int) -> np.ndarray:
+    """First layer l (1-based, >= min_layer, < L) with score >= threshold; L when none (a NaN
+    score never stops)."""
+    n, m = scores.shape  # m = L - 1
+    stop = scores >= threshold
+    stop[:, : max(0, min_layer - 1)] = False
+    return np.where(stop.any(1), stop.argmax(1) + 1, m + 1)
+
+
+def evaluate(data, exits: np.ndarray) -> dict:
+    """Accuracy, agreement with full depth and layers saved of ``data`` exiting at ``exits``."""
+    picked = data.choice[np.arange(len(exits)), exits - 1]
+    L = data.num_layers
+    return {
+        "n_docs": int(len(exits)),
+        "chance_acc": float((1.0 / data.n_options).mean()),
+        "full_acc": float((data.choice[:, L - 1] == data.gold).mean()),
+        "policy_acc": float((picked == data.gold).mean()),
+        "mean_exit_layer": float(exits.mean()),
+        "layers_saved": float(1 - exits.mean() / L),
+        "agreement_with_full": float((picked == data.choice[:, L - 1]).mean()),
+    }
+
+
+def documents_changed(doc_index: np.ndarray, changed_rows: np.ndarray) -> int:
+    """How many documents (``doc_index`` per row) have at least one changed row."""
+    return int((np.bincount(doc_index, weights=changed_rows.astype(np.float64)) > 0).sum())
+
+
+def calibrate(data, scores: np.ndarray, tolerance: float = 0.01, n_thresholds: int = 80, criterion: str = "accuracy",
+              check_cost: float = 0.0, chain_start: int | None = None, max_changed: float = 0.01,
+              confidence: float = 0.95, max_threshold: float | None = None) -> dict:
+    """The operating point under ``criterion`` (:data:`CRITERIA`; see the module docstring) with
+    the fewest layers run plus ``check_cost`` per consultation; the never-exit point when none passes.
+
+    ``tolerance`` serves the empirical criteria, ``max_changed`` and ``confidence`` the guarantee.
+    A CRF reads every layer of its chain from ``chain_start`` on whatever ``min_layer`` is, so its
+    consultations are counted from there. ``max_threshold`` caps the never-exit threshold for a
+    score with a ceiling (a margin's is 1). Every point records its calibration size (documents),
+    how many changed and their upper bound at ``confidence``; a guarantee point also δ and
+    whether it passed.
+    """
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    L = data.num_layers
+    final = data.choice[:, L - 1]
+    full = float((final == data.gold).mean())
+    _, doc_index = np.unique(np.asarray(data.keys), return_inverse=True)
+    n_docs = int(doc_index.max()) + 1 if len(doc_index) else 0
+    finite_scores = scores[np.isfinite(scores)]
+    qs = np.unique(np.quantile(finite_scores, np.linspace(0.0, 1.0, n_thresholds))) if finite_scores.size else np.array([])
+    never = float(finite_scores.max() + 1.0) if finite_scores.size else 1.0
+    if max_threshold is not None:
+        never = min(never, max_threshold)
+    first_check = lambda m: m if chain_start is None else min(chain_start, m)  # noqa: E731
+    rows = np.arange(len(scores))
+
+    def point_at(threshold: float, min_layer: int, exits: np.ndarray) -> dict:
+        picked = data.choice[rows, exits - 1]
+        return {"threshold": float(threshold), "min_layer": int(min_layer), "mean_exit_layer": float(exits.mean()),
+                "acc": float((picked == data.gold).mean()), "changed_rate": float((picked != final).mean()),
+                "calibration_changed": documents_changed(doc_index, picked != final),
+                "mean_checks": float((np.minimum(exits, L - 1) - first_check(min_layer) + 1).mean())}
+
+    def accepted(point: dict) -> bool:
+        if criterion == "accuracy":
+            return point["acc"] >= full - tolerance - 1e-12
+        if criterion == "agreement":
+            return point["changed_rate"] <= tolerance + 1e-12
+        return passes_guarantee(point["calibration_changed"], n_docs, max_changed, path_confidence)
+
+    path_confidence = 1.0 - (1.0 - confidence) / max(1, L - 1)  # Bonferroni over the min_layer paths
+    cost = lambda point: point["mean_exit_layer"] + check_cost * point["mean_checks"]  # noqa: E731
+    best = point_at(never, L - 1, exit_layers(scores, never, L - 1))
+    accepted_any = accepted(best)
+    # first_from[:, m-1]: the first layer >= m whose score reaches the threshold (L if none), i.e.
+    # exit_layers(scores, threshold, m) for every m at once. Thresholds run from the strictest down:
+    # a guarantee path (one min_layer) ends at its first failure (fixed-sequence testing).
+    path_open = np.ones(L, dtype=bool)
+    candidates = []
+    for threshold in qs[::-1]:
+        stop = scores >= threshold
+        first_from = np.full((len(scores), L), L)
+        for layer in range(L - 1, 0, -1):
+            first_from[:, layer - 1] = np.where(stop[:, layer - 1], layer, first_from[:, layer])
+        for min_layer in range(1, L):
+            if not path_open[min_layer]:
+                continue
+            point = point_at(threshold, min_layer, first_from[:, min_layer - 1])
+            if accepted(point):
+                candidates.append(point)
+            elif criterion == "guarantee":
+                path_open[min_layer] = False
+    # the cheapest accepted point; among equals, the most accurate, then the lowest threshold
+    # and min_layer (the order the empirical criteria have always broken ties in)
+    for point in sorted(candidates, key=lambda p: (p["threshold"], p["min_layer"])):
+        if (cost(point), -point["acc"]) < (cost(best), -best["acc"]):
+            best, accepted_any = point, True
+    best.update(full_acc=full, check_cost=check_cost, criterion=criterion, calibration_docs=n_docs, confidence=confidence,
+                changed_upper_bound=changed_upper_bound(best["calibration_changed"], n_docs, confidence))
+    if criterion == "guarantee":
+        best.update(max_changed=max_changed, passed=bool(accepted_any), path_confidence=path_confidence,
+                    changed_upper_bound=changed_upper_bound(best["calibration_changed"], n_docs, path_confidence))
+    else:
+        best["tolerance"] = tolerance
+    return best
+
+
+def best_static_layer(data, tolerance: float) -> dict:
+    """The shallowest fixed exit layer within ``tolerance`` of full depth (a baseline)."""
+    L = data.num_layers
+    full = float((data.choice[:, L - 1] == data.gold).mean())
+    for layer in range(1, L + 1):
+        acc = float((data.choice[:, layer - 1] == data.gold).mean())
+        if acc >= full - tolerance - 1e-12:
+            return {"layer": layer, "acc": acc, "full_acc": full}
+    return {"layer": L, "acc": full, "full_acc": full}

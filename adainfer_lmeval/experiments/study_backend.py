@@ -1,0 +1,84 @@
+"""The study's offline evaluation checked against the real backend, on a slice of test documents.
+
+Each fitted policy is run through ``lm_eval.simple_evaluate(model="adainfer", ...)`` as the
+policy the backend knows (SVM/CRF as policy files, the rules as ``policy=threshold``,
+``margin``, ``static``), and its exit layers and answers are compared with the offline
+evaluation of the same documents' collected features.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from adainfer_lmeval.experiments.study_policies import CLASSIFIERS, LABEL, layer_scores
+from adainfer_lmeval.experiments.study_tasks import StudyTask
+
+
+def backend_policy(policy: str, fit: dict, train, out_dir: Path, criterion: str = "accuracy") -> str:
+    """The model-args ``policy=...`` value that runs ``fit`` at its ``criterion`` point (SVM/CRF:
+    a policy file written into ``out_dir``)."""
+    from adainfer_lmeval.core.features import FEATURE_NAMES
+    from adainfer_lmeval.experiments.train import policy_meta, write_policy
+
+    point = fit["points"][criterion]
+    threshold, min_layer = point["threshold"], point["min_layer"]
+    if policy in CLASSIFIERS:
+        meta = policy_meta(policy, train, fit["params"], point, list(FEATURE_NAMES), LABEL, {},
+                           {"tolerance": None, "tasks": fit["train_tasks"], "note": "adainfer_lmeval.experiments.study fit"})
+        return f"file,path={write_policy(out_dir / policy, policy, meta, fit['params'])[0]}"
+    if policy == "threshold":
+        return f"threshold,gap={threshold!r},min_layer={min_layer}"
+    if threshold > 1.0:  # margin and static scores never exceed 1: the calibrated point never exits
+        return "full"
+    if policy == "margin":
+        return f"margin,margin={threshold!r},min_layer={min_layer}"
+    return f"static,layer={min_layer}"
+
+
+def backend_check(model: str, task: StudyTask, n_docs: int, fitted: dict, train, workdir: Path, batch_size: int = 8,
+                  criterion: str = "accuracy") -> dict:
+    """Run each fitted policy ({policy: fit}) through lm-eval (``adainfer`` backend) on the first
+    ``n_docs`` test documents and compare with the offline evaluation of the same documents'
+    collected features.
+
+    Returns per policy: the offline and backend exit layers and accuracies, and whether they agree.
+    """
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from adainfer_lmeval.experiments.calibration import exit_layers
+    from adainfer_lmeval.experiments.collect import collect
+    from adainfer_lmeval.experiments.training_data import load_data
+    from adainfer_lmeval.offline.environment import configure_offline_environment
+    from adainfer_lmeval.paths import tasks_dir
+
+    path = workdir / f"check-{task.label}.parquet"
+    collect(model, [task.name], [task.shots], None, path, doc_filter=lambda _n, i: i < n_docs, quiet=True)
+    data = load_data(path)
+    data = data.subset(np.argsort([int(k.split(":")[-1]) for k in data.keys]))  # by doc id, as lm-eval's samples
+    configure_offline_environment()
+    manager = TaskManager(include_path=str(tasks_dir()))
+    report = {}
+    for policy, fit in fitted.items():
+        point = fit["points"][criterion]
+        offline = exit_layers(layer_scores(policy, fit["params"], data), point["threshold"], point["min_layer"])
+        offline_correct = data.choice[np.arange(len(offline)), offline - 1] == data.gold
+        spec = backend_policy(policy, fit, train, workdir / "policies", criterion)
+        result = lm_eval.simple_evaluate(
+            model="adainfer", model_args=f"pretrained={model},policy={spec}", tasks=[task.name], num_fewshot=task.shots,
+            limit=n_docs, device="cpu", batch_size=batch_size, log_samples=True, task_manager=manager, bootstrap_iters=0,
+        )
+        samples = sorted(result["samples"][task.name], key=lambda s: s["doc_id"])
+        backend = np.array([s["exit_layers"][0] for s in samples])
+        per_request_same = all(len(set(s["exit_layers"])) == 1 for s in samples)
+        backend_correct = np.array([s["acc"] for s in samples], dtype=bool)
+        report[policy] = {
+            "policy": spec, "docs": len(samples),
+            "offline_exits": offline.tolist(), "backend_exits": backend.tolist(),
+            "offline_acc": float(offline_correct.mean()), "backend_acc": float(backend_correct.mean()),
+            "exits_equal": bool(per_request_same and len(backend) == len(offline) and (backend == offline).all()),
+            "answers_equal": bool(len(backend) == len(offline) and (backend_correct == offline_correct).all()),
+        }
+    return report

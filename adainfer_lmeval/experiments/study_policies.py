@@ -1,0 +1,107 @@
+"""The study's stop policies: how each is fitted, scores a layer and gets its operating point.
+
+Every policy stops at the first layer l >= ``min_layer`` whose score reaches ``threshold``
+(:func:`~adainfer_lmeval.experiments.calibration.exit_layers`); they differ in the score:
+
+* ``svm``, ``crf``: AdaInfer's classifiers over the paper's features (p1, gap, entropy, cosine,
+  depth), fitted as :mod:`adainfer_lmeval.experiments.fitting` fits the shipped ones (labels
+  ``final``/``option``), scored cross-fitted for their operating point;
+* ``threshold``: the gap p1 - p2 of the layer's full-vocabulary distribution (the paper's rule);
+* ``margin``: the answer options' margin (:mod:`adainfer_lmeval.core.options`: top minus second
+  probability of a softmax over the options' logits where they first differ), ``policy=margin``;
+* ``static``: a score of 1 everywhere, so every input exits at ``min_layer``: plain layer pruning.
+
+Nothing but the SVM and CRF is fitted; every policy's (threshold, min_layer) is calibrated on
+the training documents under each criterion of
+:data:`~adainfer_lmeval.experiments.calibration.CRITERIA`.
+
+Layer mapping across models: every feature is per layer and model-free (p1, gap, entropy,
+cosine of consecutive hidden states, *relative* depth l/L, the option margin), so a score
+applies to another model's layers unchanged; only ``min_layer`` is a layer count: it is scaled
+by relative depth (:func:`map_point`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from adainfer_lmeval.core.features import FEATURE_NAMES
+
+STUDY_POLICIES = ("svm", "crf", "threshold", "margin", "static")
+CLASSIFIERS = ("svm", "crf")  # fitted; the others only calibrated
+SIGNAL_RULES = {"threshold": "gap", "margin": "margin"}  # policy -> the one signal it thresholds
+TRAINING_SETTINGS = ("intra", "inter-task", "inter-model")
+LABEL = {"mode": "final", "prediction": "option"}
+
+
+@dataclass(frozen=True)
+class CalibrationRules:
+    """How operating points are chosen: the empirical ``tolerance`` (1 point / 1% of answers),
+    the guarantee's δ (``max_changed``) and ``confidence``, the folds of the held-out scores."""
+
+    tolerance: float = 0.01
+    max_changed: float = 0.01
+    confidence: float = 0.95
+    inner_folds: int = 4
+    seed: int = 0
+
+
+def oracle_exits(data) -> np.ndarray:
+    """Per document: the earliest layer after which its answer never changes (hindsight)."""
+    from adainfer_lmeval.experiments.oracle import oracle_layer
+
+    return np.array([oracle_layer(row.tolist()) for row in data.choice])
+
+
+def at_chance(full_acc: float, chance: float, n: int) -> bool:
+    """Full depth within two binomial standard errors of chance (the reports' rule, one place)."""
+    from adainfer_lmeval.reporting.comparison import at_chance as within_two_stderr, binomial_stderr
+
+    return within_two_stderr(full_acc, chance, binomial_stderr(full_acc, n))
+
+
+def map_point(point: dict, source_layers: int, target_layers: int) -> dict:
+    """An operating point moved to a model of another depth: ``min_layer`` by relative depth.
+
+    The threshold applies to the policy's score, whose features are all per layer and
+    model-free (depth is l/L already), so it carries over unchanged.
+    """
+    min_layer = int(round(point["min_layer"] * target_layers / source_layers))
+    return {**point, "min_layer": max(1, min(target_layers - 1, min_layer))}
+
+
+def layer_scores(policy: str, params, data) -> np.ndarray:
+    """Scores [N, L-1] of layers 1..L-1 (higher = stop) of ``policy`` (fitted ``params`` for SVM/CRF)."""
+    from adainfer_lmeval.experiments.fitting import classifier_scores
+
+    last = data.num_layers - 1
+    if policy in CLASSIFIERS:
+        return classifier_scores(params, data, data.columns(FEATURE_NAMES))
+    if policy == "static":
+        return np.ones((len(data.keys), last))
+    return data.feats[:, :last, data.columns([SIGNAL_RULES[policy]])[0]]
+
+
+def fit_study_policy(train, policy: str, rules: CalibrationRules) -> dict:
+    """``policy`` fitted (SVM/CRF) and calibrated on ``train`` under every criterion.
+
+    The operating point comes from held-out scores: cross-fitted for SVM/CRF; the other rules
+    fit nothing, so their scores on the training documents are out-of-sample already.
+    """
+    from adainfer_lmeval.experiments.calibration import CRITERIA, calibrate
+    from adainfer_lmeval.experiments.fitting import cross_fitted_scores, fit_classifier
+    from adainfer_lmeval.experiments.training_data import make_labels
+
+    if policy in CLASSIFIERS:
+        cols = train.columns(FEATURE_NAMES)
+        y = make_labels(train, LABEL["mode"], LABEL["prediction"])
+        held_out = cross_fitted_scores(train, y, policy, cols, rules.inner_folds, rules.seed + 1)
+        params = fit_classifier(policy, train, y, cols)
+    else:
+        params, held_out = None, layer_scores(policy, None, train)
+    points = {c: calibrate(train, held_out, rules.tolerance, criterion=c, max_changed=rules.max_changed,
+                           confidence=rules.confidence) for c in CRITERIA}
+    return {"params": params, "points": points, "layers": train.num_layers, "n_train": len(train.keys),
+            "calibration_docs": len(set(train.keys)), "train_tasks": sorted(set(train.source))}

@@ -1,0 +1,181 @@
+"""The study's tasks and documents: which split serves training and test, and the collections.
+
+A study task is an lm-eval task at a few-shot count (:class:`StudyTask`). Per model and task the
+study collects ``N`` training documents from the task's *train split* (``arc_easy_train``, ...)
+and ``N`` test documents from the split lm-eval evaluates. SST-2 has no train split offline: its
+validation set is split once into two halves by a seeded hash of the document id
+(:func:`sst2_half`); training documents come from one half, test documents from the other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from adainfer_lmeval.errors import AdaInferError
+
+# lm-eval task evaluated -> the task that runs the same prompts on its train split
+TRAIN_TASKS = {
+    "arc_easy": "arc_easy_train", "arc_challenge": "arc_challenge_train", "boolq": "boolq_train",
+    "commonsense_qa": "commonsense_qa_train", "openbookqa": "openbookqa_train", "piqa": "piqa_train",
+    "hellaswag": "hellaswag_train",
+}
+SPLIT_ON_VALIDATION = ("sst2",)  # no train split offline: split the evaluated set in two halves
+ROLES = ("train", "test")
+DEFAULT_STUDY_TASKS = "sst2:x2.5,sst2@4:x2.5,arc_easy,boolq,piqa,openbookqa,commonsense_qa"
+DEFAULT_STUDY_MODELS = "smollm2-135m:80,qwen2.5-coder-0.5b:40"
+
+
+@dataclass(frozen=True)
+class StudyTask:
+    """``name[@shots][:docs]``: an lm-eval task evaluated with ``shots`` few-shot examples.
+
+    ``docs`` overrides the model's documents per role for this task: a count (``:200``) or a
+    factor of the model's count (``:x2.5``); cheap tasks can have more.
+    """
+
+    name: str
+    shots: int = 0
+    docs: int | None = None
+    docs_factor: float | None = None
+
+    def n_docs(self, model_docs: int) -> int:
+        if self.docs is not None:
+            return self.docs
+        return int(round(model_docs * self.docs_factor)) if self.docs_factor is not None else model_docs
+
+    @classmethod
+    def parse(cls, text: str) -> "StudyTask":
+        head, _, docs = text.strip().partition(":")
+        name, _, shots = head.partition("@")
+        if name not in TRAIN_TASKS and name not in SPLIT_ON_VALIDATION:
+            known = ", ".join(sorted([*TRAIN_TASKS, *SPLIT_ON_VALIDATION]))
+            raise AdaInferError(f"task {name!r} has no training documents offline; study tasks: {known}")
+        try:
+            factor = float(docs[1:]) if docs.startswith("x") else None
+            return cls(name, int(shots) if shots else 0, int(docs) if docs and factor is None else None, factor)
+        except ValueError:
+            raise AdaInferError(f"bad task spec {text!r}: use name[@shots][:docs], e.g. sst2@4:200") from None
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}@{self.shots}"
+
+    def source(self, role: str) -> str:
+        """The lm-eval task whose documents serve ``role`` (train / test)."""
+        if role == "train" and self.name in TRAIN_TASKS:
+            return TRAIN_TASKS[self.name]
+        return self.name
+
+
+def sst2_half(doc_id: int, seed: int = 0) -> str:
+    """``train`` or ``test``: a fixed, seeded split of a validation set without a train split."""
+    return "train" if int(hashlib.sha256(f"study-split:{seed}:{doc_id}".encode()).hexdigest()[:8], 16) % 2 == 0 else "test"
+
+
+def doc_filter_for(task: StudyTask, role: str, seed: int = 0):
+    """The documents ``role`` may draw from: one half for split tasks, all otherwise."""
+    if task.name not in SPLIT_ON_VALIDATION:
+        return None
+    return lambda _name, doc_id: sst2_half(doc_id, seed) == role
+
+
+def parse_models(text: str) -> dict[str, int]:
+    out = {}
+    for item in [t for t in text.split(",") if t]:
+        name, _, docs = item.partition(":")
+        try:
+            out[name] = int(docs) if docs else 60
+        except ValueError:
+            raise AdaInferError(f"bad model spec {item!r}: use name or name:docs, e.g. smollm2-135m:80") from None
+    return out
+
+
+def collection_path(root: Path, model: str, task: StudyTask, role: str) -> Path:
+    return root / model / f"{task.label}-{role}.parquet"
+
+
+def _needs_collecting(path: Path, n_docs: int, seed: int, log) -> bool:
+    """Whether ``path`` is missing or was collected with another schema or other settings."""
+    from adainfer_lmeval.experiments.collect import SCHEMA_VERSION, read_metadata
+
+    if not path.exists():
+        return True
+    meta = read_metadata(path)
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        log(f"  {path}: collected with schema {meta.get('schema_version')}, this version reads {SCHEMA_VERSION}; collecting again")
+        return True
+    study = meta.get("study", {})
+    if study.get("docs") == n_docs and study.get("seed") == seed:
+        return False
+    log(f"  {path}: collected with other settings ({study}); collecting again")
+    return True
+
+
+def collect_all(models: dict[str, int], tasks: list[StudyTask], root: Path, seed: int = 0, log=print) -> None:
+    """Collect every (model, task, role) file that is missing or stale (one model load per model)."""
+    from adainfer_lmeval.adapter.backend import AdaInferLM
+    from adainfer_lmeval.experiments.collect import collect
+
+    for model, model_docs in models.items():
+        todo = [(task, role, collection_path(root, model, task, role), task.n_docs(model_docs))
+                for task in tasks for role in ROLES]
+        todo = [item for item in todo if _needs_collecting(item[2], item[3], seed, log)]
+        if not todo:
+            continue
+        lm = AdaInferLM(pretrained=model, policy="full", batch_size=1, device="cpu")
+        for task, role, path, n_docs in todo:
+            t0 = time.time()
+            split = ("seeded half of validation (sst2_half)" if task.name in SPLIT_ON_VALIDATION else
+                     "train split" if role == "train" else "lm-eval's evaluation split")
+            meta = collect(
+                model, [task.source(role)], [task.shots], n_docs, path, seed=seed, lm=lm,
+                doc_filter=doc_filter_for(task, role, seed), quiet=True,
+                extra_meta={"study": {"task": task.label, "role": role, "docs": n_docs, "seed": seed, "split": split}},
+            )
+            log(f"  collected {model} {task.label} {role}: {sum(p['docs'] for p in meta['parts'])} docs "
+                f"from {task.source(role)} in {time.time() - t0:.0f}s -> {path}")
+        del lm
+
+
+def load_collections(root: Path, models: list[str], tasks: list[StudyTask]) -> dict:
+    """{(model, task label, role): training_data.Data} for every collected file."""
+    from adainfer_lmeval.experiments.training_data import load_data
+
+    out = {}
+    for model in models:
+        for task in tasks:
+            for role in ROLES:
+                path = collection_path(root, model, task, role)
+                if not path.exists():
+                    raise AdaInferError(f"{path} is missing: run the study without --skip-collect (or with --collect-only) first")
+                out[(model, task.label, role)] = load_data(path)
+    return out
+
+
+def training_sets(collections: dict, models: list[str], tasks: list[StudyTask], seed: int = 0) -> dict:
+    """{(model, task label, setting): Data} for intra-task and inter-task training.
+
+    Inter-task pools the training documents of every task with another name (``sst2@0`` and
+    ``sst2@4`` are one task: neither trains the other's inter-task policy), the same number from
+    each (the smallest task's count, a seeded sample), so that no task dominates the pool.
+    """
+    from adainfer_lmeval.experiments.training_data import Data
+
+    out = {}
+    for model in models:
+        trains = {task.label: collections[(model, task.label, "train")] for task in tasks}
+        cap = min(len(d.keys) for d in trains.values())
+        rng = np.random.default_rng(seed)
+        capped = {label: d if len(d.keys) == cap else d.subset(np.sort(rng.choice(len(d.keys), cap, replace=False)))
+                  for label, d in trains.items()}
+        for task in tasks:
+            out[(model, task.label, "intra")] = trains[task.label]
+            others = [capped[o.label] for o in tasks if o.name != task.name]
+            if others:
+                out[(model, task.label, "inter-task")] = Data.concat(others)
+    return out

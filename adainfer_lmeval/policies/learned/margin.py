@@ -1,0 +1,71 @@
+"""A calibrated answer-option margin: kind ``margin``, run as the ``policy=margin`` rule.
+
+The rule (:class:`~adainfer_lmeval.policies.rules.OptionMargin`) needs no training; its file
+holds only the operating point training chose for it (τ, ``min_layer``, under the guarantee of
+:mod:`adainfer_lmeval.experiments.calibration`) and where that came from. Loaded with
+``policy=file,path=...`` (or ``policy=<path>``), it is the rule ``policy=margin,margin=τ,min_layer=m``
+checked against the model it was calibrated on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from adainfer_lmeval.errors import AdaInferError
+from adainfer_lmeval.policies import files as pf
+from adainfer_lmeval.policies.learned.base import LearnedKind, LearnedPolicy, read_policy, register_kind
+from adainfer_lmeval.policies.rules import OptionMargin
+
+
+class MarginFile(OptionMargin):
+    """A ``kind: margin`` policy file as the ``policy=margin`` rule at the file's operating point."""
+
+    params = LearnedPolicy.params
+
+    def __init__(self, path: str, threshold: float | None = None, min_layer: int | None = None):
+        _, meta = read_policy(path)  # reached through policy=file, which found kind margin in it
+        super().__init__(margin=meta["threshold"] if threshold is None else threshold,
+                         min_layer=meta["min_layer"] if min_layer is None else min_layer)
+        self.meta, self.source = meta, str(path)
+
+    def bind(self, model) -> None:
+        pf.check_fits(self.meta, model, self.source)
+        super().bind(model)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "kind": MarginKind.kind, "file": self.source,
+                "trained_for": self.meta["model"]["name"],
+                "data_sha256": (self.meta.get("training") or {}).get("data_sha256")}
+
+
+@register_kind("margin", policy=MarginFile)
+class MarginKind(LearnedKind):
+    """The answer-option margin as its own score: nothing to fit but the operating point."""
+
+    score_meaning = "answer-option margin (top minus second option probability)"
+    scaled = False
+    fits_parameters = False
+    #: the margin is a difference of probabilities: a threshold above 1 is never reached
+    max_threshold = 1.0
+
+    def to_dict(self) -> dict:
+        return {}
+
+    @classmethod
+    def check_dict(cls, path: Path, meta: dict) -> None:
+        if meta["features"] != ["margin"]:
+            raise AdaInferError(f"{path}: corrupt policy file (a margin policy reads \"features\": [\"margin\"])")
+        if not 0 <= meta["threshold"] <= cls.max_threshold:
+            raise AdaInferError(f"{path}: corrupt policy file (a margin threshold is between 0 and 1)")
+
+    @classmethod
+    def from_dict(cls, meta: dict, path: Path | None = None) -> "MarginKind":
+        return cls()
+
+    def fit(self, X, y, **options) -> "MarginKind":
+        return self
+
+    def step(self, state, x: torch.Tensor):
+        return None, x[:, 0].to(torch.float64)
