@@ -59,6 +59,8 @@ def test_benchmark_table_on_tiny_model(tiny, tmp_path, one_thread):
     d = res["decision_cost"]
     assert d["tokens"] == 16 and d["layer_ms"] > 0 and d["decision_ms"] > 0 and d["decision_pct_of_layer"] > 0
     assert d["pruned_decision_ms"] > 0 and d["pruned_decision_pct_of_layer"] > 0
+    assert d["options"] == 4 and d["margin_decision_pct_of_layer"] == pytest.approx(
+        100 * d["margin_decision_ms"] / d["layer_ms"])
     assert set(res["breakdown"]) == {f"{v}@{bs}" for bs in (1, 4) for v in ("full", "threshold(gap=0.1,min_layer=2)")}
     full_breakdown = res["breakdown"]["full@1"]
     assert full_breakdown["calls"]["checks"] == 0 and full_breakdown["calls"]["layer_calls"] > 0
@@ -87,9 +89,9 @@ def test_variants_skip_missing_svm(tmp_path, monkeypatch):
     messages = []
     labels = [v.label for v in variants_for("smollm2-135m", log=messages.append)]
     assert labels == ["hf", "full", "threshold(gap=0.6,min_layer=20)", "threshold(gap=0.6,min_layer=20,check_vocab=64)",
-                      "threshold(gap=0.6,min_layer=20,check_vocab=64,check_clusters=256)"]
+                      "threshold(gap=0.6,min_layer=20,check_vocab=64,check_clusters=256)", "margin(margin=0.9,min_layer=20)"]
     labels = [v.label for v in variants_for("smollm2-135m", log=messages.append, check_clusters=0)]
-    assert labels[-1] == "threshold(gap=0.6,min_layer=20,check_vocab=64)"
+    assert labels[-2] == "threshold(gap=0.6,min_layer=20,check_vocab=64)"
     assert messages and "svm" in messages[0]
 
 

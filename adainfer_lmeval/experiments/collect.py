@@ -78,17 +78,15 @@ _MANAGER = None
 def load_tasks(task_names: list[str]) -> dict:
     """{leaf task name: task object} from lm-eval with this repository's offline tasks."""
     from adainfer_lmeval.offline.environment import configure_offline_environment
-    from adainfer_lmeval.paths import tasks_dir
 
     configure_offline_environment()
-    from lm_eval.tasks import TaskManager
-
+    from adainfer_lmeval.adapter.harness import task_manager
     from adainfer_lmeval.offline.data.availability import check_tasks_available
 
     check_tasks_available(task_names)
     global _MANAGER
     if _MANAGER is None:  # indexing every lm-eval task takes seconds: once per process
-        _MANAGER = TaskManager(include_path=str(tasks_dir()))
+        _MANAGER = task_manager()
     manager = _MANAGER
     unknown = [t for t in task_names if t not in manager.all_tasks]
     if unknown:

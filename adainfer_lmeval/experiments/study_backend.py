@@ -45,28 +45,25 @@ def backend_check(model: str, task: StudyTask, n_docs: int, fitted: dict, train,
 
     Returns per policy: the offline and backend exit layers and accuracies, and whether they agree.
     """
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
+    from adainfer_lmeval.adapter.harness import evaluate, task_manager
     from adainfer_lmeval.experiments.calibration import exit_layers
     from adainfer_lmeval.experiments.collect import collect
     from adainfer_lmeval.experiments.training_data import load_data
     from adainfer_lmeval.offline.environment import configure_offline_environment
-    from adainfer_lmeval.paths import tasks_dir
 
     path = workdir / f"check-{task.label}.parquet"
     collect(model, [task.name], [task.shots], None, path, doc_filter=lambda _n, i: i < n_docs, quiet=True)
     data = load_data(path)
     data = data.subset(np.argsort([int(k.split(":")[-1]) for k in data.keys]))  # by doc id, as lm-eval's samples
     configure_offline_environment()
-    manager = TaskManager(include_path=str(tasks_dir()))
+    manager = task_manager()
     report = {}
     for policy, fit in fitted.items():
         point = fit["points"][criterion]
         offline = exit_layers(layer_scores(policy, fit["params"], data), point["threshold"], point["min_layer"])
         offline_correct = data.choice[np.arange(len(offline)), offline - 1] == data.gold
         spec = backend_policy(policy, fit, train, workdir / "policies", criterion)
-        result = lm_eval.simple_evaluate(
+        result = evaluate(
             model="adainfer", model_args=f"pretrained={model},policy={spec}", tasks=[task.name], num_fewshot=task.shots,
             limit=n_docs, device="cpu", batch_size=batch_size, log_samples=True, task_manager=manager, bootstrap_iters=0,
         )

@@ -46,7 +46,8 @@ def _fit_all(collections, models, tasks, rules, policies, log) -> dict:
 
 def _guarantee_fields(point: dict) -> dict:
     return {"calibration_docs": point["calibration_docs"], "calibration_changed": point["calibration_changed"],
-            "changed_upper_bound": point["changed_upper_bound"], "passed": point.get("passed")}
+            "changed_upper_bound": point["changed_upper_bound"], "passed": point.get("passed"),
+            "path_confidence": point.get("path_confidence")}
 
 
 def run_study(collections: dict, models: list[str], tasks: list[StudyTask], rules: CalibrationRules = CalibrationRules(),

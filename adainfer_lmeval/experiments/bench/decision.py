@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from adainfer_lmeval.core.features import compute_features
+from adainfer_lmeval.core.features import SignalInputs, compute_features, compute_signals
 from adainfer_lmeval.experiments.bench.requests import encoded
 from adainfer_lmeval.experiments.bench.timing import median_seconds
 from adainfer_lmeval.experiments.bench.variants import DEFAULT_CHECK_VOCAB
@@ -12,10 +12,11 @@ from adainfer_lmeval.experiments.bench.variants import DEFAULT_CHECK_VOCAB
 
 @torch.no_grad()
 def decision_cost(stack, costs, tokens: int = 128, min_run_time: float = 1.0, batch_rows: int = 16,
-                  check_vocab: int = DEFAULT_CHECK_VOCAB) -> dict:
+                  check_vocab: int = DEFAULT_CHECK_VOCAB, options: int = 4) -> dict:
     """One exit decision (norm + head + p1/gap features at one position) vs one layer at ``tokens``,
-    and a pruned decision (K head rows). A pick from head clusters is timed by
-    :func:`picker_recall` on real states: its cost depends on the state.
+    a pruned decision (K head rows) and an answer-option margin decision (``options`` head rows:
+    what ``policy=margin`` runs). A pick from head clusters is timed by :func:`picker_recall` on
+    real states: its cost depends on the state.
     """
     g = torch.Generator().manual_seed(0)
     device = stack.head.weight.device
@@ -38,7 +39,16 @@ def decision_cost(stack, costs, tokens: int = 128, min_run_time: float = 1.0, ba
         return compute_features(("p1", "gap"), stack.exit_logits_over(state, candidates), state, None, middle,
                                 stack.num_layers)
 
+    option_tokens = torch.randint(0, stack.vocab_size, (1, options), generator=g).to(device)
+    option_valid = torch.ones(1, options, dtype=torch.bool, device=device)
+
+    def decide_margin(state):  # policy=margin: the options' head rows and their softmax
+        logits = stack.exit_logits_over(state, option_tokens)
+        return compute_signals(("margin",), SignalInputs(middle, stack.num_layers, 1, device, option_logits=logits,
+                                                         option_valid=option_valid))
+
     layer_s = median_seconds(lambda: stack.run_layer(middle, hidden, inputs), min_run_time)
+    margin_s = median_seconds(lambda: decide_margin(state1), min_run_time)
     decide1_s = median_seconds(lambda: decide(state1), min_run_time)
     decide_b_s = median_seconds(lambda: decide(state_b), min_run_time)
     pruned_s = median_seconds(lambda: decide_pruned(state1), min_run_time)
@@ -47,6 +57,9 @@ def decision_cost(stack, costs, tokens: int = 128, min_run_time: float = 1.0, ba
         "check_vocab": check_vocab,
         "pruned_decision_ms": 1000 * pruned_s,
         "pruned_decision_pct_of_layer": 100 * pruned_s / layer_s,
+        "options": options,
+        "margin_decision_ms": 1000 * margin_s,
+        "margin_decision_pct_of_layer": 100 * margin_s / layer_s,
         "tokens": tokens,
         "layer_ms": 1000 * layer_s,
         "decision_ms": 1000 * decide1_s,

@@ -37,10 +37,12 @@ def format_tables(results: list[dict]) -> str:
             dec.append([res["model"], d["tokens"], f"{d['layer_ms']:.2f}", f"{d['decision_ms']:.2f}",
                         f"{d['decision_pct_of_layer']:.1f}", f"{d['decision_16rows_ms']:.2f}",
                         f"{d['decision_16rows_pct_of_layer']:.1f}", f"{d['flops_pct_of_layer']:.1f}",
-                        f"{d.get('pruned_decision_ms', float('nan')):.3f}", f"{d.get('pruned_decision_pct_of_layer', float('nan')):.2f}"])
+                        f"{d.get('pruned_decision_ms', float('nan')):.3f}", f"{d.get('pruned_decision_pct_of_layer', float('nan')):.2f}",
+                        f"{d.get('margin_decision_ms', float('nan')):.3f}", f"{d.get('margin_decision_pct_of_layer', float('nan')):.2f}"])
     dec_table = tabulate(dec, headers=["model", "tokens", "layer ms (batch 1)", "decision ms (1 pos)",
                                        "decision % of layer", "decision ms (16 pos)", "16-pos % of layer",
-                                       "FLOPs % of layer", "pruned decision ms (K tokens)", "pruned % of layer"],
+                                       "FLOPs % of layer", "pruned decision ms (K tokens)", "pruned % of layer",
+                                       "margin decision ms (4 options)", "margin % of layer"],
                          tablefmt="github")
     br = []
     for res in results:

@@ -9,6 +9,12 @@ DEFAULT_THRESHOLDS = {
     "smollm2-135m": {"gap": 0.6, "min_layer": 20},
     "qwen2.5-coder-0.5b": {"gap": 0.6, "min_layer": 22},
 }
+#: The answer-option margin operating point per model: the threshold's first layer and a margin of
+#: 0.9, for timing what policy=margin costs (not calibrated for accuracy; the study calibrates it).
+DEFAULT_MARGINS = {
+    "smollm2-135m": {"margin": 0.9, "min_layer": 20},
+    "qwen2.5-coder-0.5b": {"margin": 0.9, "min_layer": 22},
+}
 DEFAULT_CHECK_VOCAB = 64  # K of the pruned-vocabulary checks variant (adainfer_lmeval/core/exit_checks.py)
 #: The head-clusters variant per model (adainfer_lmeval/core/head_clusters.py): the fewest head rows
 #: per pick with top-1 recall near 99% where the threshold consults (reports/benchmark/README.md).
@@ -35,7 +41,7 @@ class Variant:
 
 def variants_for(model_name: str, threshold: dict | None = None, svm: bool = True, log=print,
                  check_vocab: int | None = DEFAULT_CHECK_VOCAB, check_clusters: int | None = None) -> list[Variant]:
-    """hf, full, threshold and (if shipped for this model) svm; the policies also with cheap
+    """hf, full, threshold, margin and (if shipped for this model) svm; threshold and svm also with cheap
     checks: pruned-vocabulary (``check_vocab``), and its first check picked from head clusters
     (``check_clusters``)."""
     out = [Variant("hf"), Variant("full")]
@@ -50,6 +56,8 @@ def variants_for(model_name: str, threshold: dict | None = None, svm: bool = Tru
     if threshold:
         out.append(Variant("threshold", dict(threshold)))
         out.extend(Variant("threshold", {**threshold, **args}) for args in cheap)
+    if model_name in DEFAULT_MARGINS:  # one head row per option: no cheap-check variant to add
+        out.append(Variant("margin", dict(DEFAULT_MARGINS[model_name])))
     if svm:
         try:
             from adainfer_lmeval.policies import learned  # noqa: F401  (registers policy=svm)
