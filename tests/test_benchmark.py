@@ -59,8 +59,7 @@ def test_benchmark_table_on_tiny_model(tiny, tmp_path, one_thread):
     d = res["decision_cost"]
     assert d["tokens"] == 16 and d["layer_ms"] > 0 and d["decision_ms"] > 0 and d["decision_pct_of_layer"] > 0
     assert d["pruned_decision_ms"] > 0 and d["pruned_decision_pct_of_layer"] > 0
-    assert d["options"] == 4 and d["margin_decision_pct_of_layer"] == pytest.approx(
-        100 * d["margin_decision_ms"] / d["layer_ms"])
+    assert d["options"] == 4 and "margin decision ms (4 options)" in format_tables([res])
     assert set(res["breakdown"]) == {f"{v}@{bs}" for bs in (1, 4) for v in ("full", "threshold(gap=0.1,min_layer=2)")}
     full_breakdown = res["breakdown"]["full@1"]
     assert full_breakdown["calls"]["checks"] == 0 and full_breakdown["calls"]["layer_calls"] > 0

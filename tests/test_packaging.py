@@ -190,3 +190,26 @@ def test_the_entry_point_names_the_backend_class():
     from adainfer_lmeval.adapter.backend import AdaInferLM
 
     assert (AdaInferLM.__module__, AdaInferLM.__name__) == (module, name)  # lm-eval upgrades the placeholder
+
+
+def test_two_copies_of_the_start_up_hook_do_not_ask_each_other(tmp_path, monkeypatch):
+    """An editable install beside another checkout on PYTHONPATH puts two copies' finders in
+    sys.meta_path: importing a watched module must load it once and run a callback, not recurse."""
+    import importlib.util
+    import sys
+
+    from adainfer_lmeval.adapter import startup_hook
+
+    spec = importlib.util.spec_from_file_location("adainfer_lmeval_copy.startup_hook", startup_hook.__file__)
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    (tmp_path / "watched_by_two.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seen = []
+    ours = startup_hook._AfterImport({"watched_by_two": lambda module: seen.append(("ours", module.VALUE))})
+    theirs = copy._AfterImport({"watched_by_two": lambda module: seen.append(("theirs", module.VALUE))})
+    monkeypatch.setattr(sys, "meta_path", [theirs, ours, *sys.meta_path])
+    monkeypatch.delitem(sys.modules, "watched_by_two", raising=False)
+    import watched_by_two  # noqa: F401
+
+    assert seen == [("theirs", 1)]  # the first finder's callback ran on the loaded module

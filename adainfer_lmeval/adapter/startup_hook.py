@@ -79,12 +79,20 @@ class _AfterImport:
     def _spec_from_others(self, name, path, target):
         for finder in list(sys.meta_path):
             find_spec = getattr(finder, "find_spec", None)
-            if finder is self or find_spec is None:
+            if finder is self or find_spec is None or _is_after_import(finder):
                 continue
             spec = find_spec(name, path, target)
             if spec is not None:
                 return spec
         return None
+
+
+def _is_after_import(finder) -> bool:
+    """Whether ``finder`` is an ``_AfterImport``, ours or another copy's of this package (an
+    editable install beside a checkout on ``PYTHONPATH``): two such finders asking each other
+    would recurse without end, so each asks only the finders that really load modules."""
+    kind = type(finder)
+    return kind.__qualname__ == "_AfterImport" and kind.__module__.startswith("adainfer_lmeval")
 
 
 def _run(callback, module) -> None:

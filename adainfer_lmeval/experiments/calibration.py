@@ -152,11 +152,12 @@ def calibrate(data, scores: np.ndarray, tolerance: float = 0.01, n_thresholds: i
     for point in sorted(candidates, key=lambda p: (p["threshold"], p["min_layer"])):
         if (cost(point), -point["acc"]) < (cost(best), -best["acc"]):
             best, accepted_any = point, True
+    # the bound a guarantee point was tested at: each min_layer path's corrected confidence
+    bound_confidence = path_confidence if criterion == "guarantee" else confidence
     best.update(full_acc=full, check_cost=check_cost, criterion=criterion, calibration_docs=n_docs, confidence=confidence,
-                changed_upper_bound=changed_upper_bound(best["calibration_changed"], n_docs, confidence))
+                changed_upper_bound=changed_upper_bound(best["calibration_changed"], n_docs, bound_confidence))
     if criterion == "guarantee":
-        best.update(max_changed=max_changed, passed=bool(accepted_any), path_confidence=path_confidence,
-                    changed_upper_bound=changed_upper_bound(best["calibration_changed"], n_docs, path_confidence))
+        best.update(max_changed=max_changed, passed=bool(accepted_any), path_confidence=path_confidence)
     else:
         best["tolerance"] = tolerance
     return best
