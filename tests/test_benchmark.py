@@ -60,6 +60,15 @@ def test_benchmark_table_on_tiny_model(tiny, tmp_path, one_thread):
     assert d["tokens"] == 16 and d["layer_ms"] > 0 and d["decision_ms"] > 0 and d["decision_pct_of_layer"] > 0
     assert d["pruned_decision_ms"] > 0 and d["pruned_decision_pct_of_layer"] > 0
     assert d["options"] == 4 and "margin decision ms (4 options)" in format_tables([res])
+    # a SimLens decision carries two tokens through the upper half of the 4 layers: its FLOPs share
+    # is two 2-token layers against one 16-token layer
+    from adainfer_lmeval.core.accounting import CostModel
+    from adainfer_lmeval.core.architectures import DecoderStack
+
+    costs = CostModel.from_stack(DecoderStack(model))
+    assert d["simlens_layer"] == 2 and d["simlens_decision_ms"] > 0
+    assert d["simlens_flops_pct_of_layer"] == pytest.approx(100 * 2 * costs.layer_flops(2) / costs.layer_flops(16))
+    assert "simlens % of layer" in format_tables([res])
     assert set(res["breakdown"]) == {f"{v}@{bs}" for bs in (1, 4) for v in ("full", "threshold(gap=0.1,min_layer=2)")}
     full_breakdown = res["breakdown"]["full@1"]
     assert full_breakdown["calls"]["checks"] == 0 and full_breakdown["calls"]["layer_calls"] > 0
@@ -88,9 +97,10 @@ def test_variants_skip_missing_svm(tmp_path, monkeypatch):
     messages = []
     labels = [v.label for v in variants_for("smollm2-135m", log=messages.append)]
     assert labels == ["hf", "full", "threshold(gap=0.6,min_layer=20)", "threshold(gap=0.6,min_layer=20,check_vocab=64)",
-                      "threshold(gap=0.6,min_layer=20,check_vocab=64,check_clusters=256)", "margin(margin=0.9,min_layer=20)"]
+                      "threshold(gap=0.6,min_layer=20,check_vocab=64,check_clusters=256)", "margin(margin=0.9,min_layer=20)",
+                      "simlens(margin=0.9,min_layer=20)"]
     labels = [v.label for v in variants_for("smollm2-135m", log=messages.append, check_clusters=0)]
-    assert labels[-2] == "threshold(gap=0.6,min_layer=20,check_vocab=64)"
+    assert labels[-3] == "threshold(gap=0.6,min_layer=20,check_vocab=64)"
     assert messages and "svm" in messages[0]
 
 

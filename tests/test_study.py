@@ -79,8 +79,9 @@ def test_study_tasks():
     assert parse("arc_easy").source("train") == "arc_easy_train"
     assert parse("arc_easy").source("test") == "arc_easy"
     assert parse("sst2").source("train") == "sst2"  # split in halves instead
+    assert parse("mmlu").source("train") == "mmlu_dev_val" and parse("mmlu").source("test") == "mmlu"
     with pytest.raises(AdaInferError, match="no training documents"):
-        parse("mmlu")
+        parse("lambada_openai")
     with pytest.raises(AdaInferError, match="name\\[@shots\\]"):
         parse("sst2@four")
     assert parse("sst2@4:200") == stt.StudyTask("sst2", 4, 200)
@@ -311,21 +312,25 @@ def _rows_by_group(engine_batch) -> list[list[int]]:
 def test_offline_evaluation_equals_the_backend(tmp_path):
     """Policies fitted offline give the same exit layers and answers through lm-eval's backend."""
     from adainfer_lmeval.experiments.collect import collect
-    from adainfer_lmeval.experiments.study_backend import backend_check
-    from adainfer_lmeval.experiments.training_data import load_data
+    from adainfer_lmeval.experiments.study_backend import BACKEND_POLICIES, backend_check
+    from adainfer_lmeval.adapter.backend import AdaInferLM
+    from adainfer_lmeval.experiments.collect_continuation import collect_continuation
+    from adainfer_lmeval.experiments.training_data import load_data, with_continuation
     from adainfer_lmeval.offline.models.fetch import fetch_model
 
     model = str(fetch_model("smollm2-135m"))
     task = stt.StudyTask.parse("sst2")
     train_path = tmp_path / "train.parquet"
     collect(model, ["sst2"], [0], 16, train_path, doc_filter=stt.doc_filter_for(task, "train"), quiet=True)
-    train = load_data(train_path)
-    fitted = {policy: sp.fit_study_policy(train, policy, sp.CalibrationRules(inner_folds=2)) for policy in sp.STUDY_POLICIES}
+    collect_continuation(AdaInferLM(pretrained=model, policy="full", batch_size=1, device="cpu"), train_path)
+    train = with_continuation(load_data(train_path), train_path)  # policy=simlens answers with the continuation
+    fitted = {policy: sp.fit_study_policy(train, policy, sp.CalibrationRules(inner_folds=2)) for policy in BACKEND_POLICIES}
     for fit in fitted.values():  # an operating point that exits at various layers (not at the last)
         fit["points"]["accuracy"].update(min_layer=10)
     fitted["threshold"]["points"]["accuracy"]["threshold"] = 0.3
     fitted["margin"]["points"]["accuracy"]["threshold"] = float(np.median(train.feats[:, 10:29, train.columns(["margin"])[0]]))
     fitted["static"]["points"]["accuracy"].update(threshold=1.0, min_layer=17)
+    fitted["simlens"]["points"]["accuracy"]["threshold"] = float(np.median(train.continuation.margin[:, 10:29]))
     report = backend_check(model, task, 12, fitted, train, tmp_path)
     for policy, r in report.items():
         assert r["docs"] == 12
@@ -334,6 +339,7 @@ def test_offline_evaluation_equals_the_backend(tmp_path):
     assert any(e < 30 for r in report.values() for e in r["backend_exits"])  # they really exit early
     assert len(set(report["margin"]["backend_exits"])) > 1  # the margin splits the documents
     assert set(report["static"]["backend_exits"]) == {17}
+    assert len(set(report["simlens"]["backend_exits"])) > 1  # the continuation's margin splits them too
 
 
 def test_a_file_collected_before_option_logits_is_collected_again(tmp_path):

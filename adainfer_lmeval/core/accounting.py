@@ -2,8 +2,10 @@
 
 FLOPs are counted the honest way: the exit layers actually run, plus the exit head and
 softmax at every layer where the policy was consulted (the price of deciding), plus the head
-at the scored positions. The full-depth reference runs every layer and the head at the scored
-positions only. Both use 2 FLOPs per multiply-add and ignore norms and elementwise work.
+at the scored positions, plus the tokens carried on alone through the layers above the one
+they were taken from (the SimLens continuation: its checks' and its exit read-out's). The
+full-depth reference runs every layer and the head at the scored positions only. Both use 2
+FLOPs per multiply-add and ignore norms and elementwise work.
 """
 
 from __future__ import annotations
@@ -48,6 +50,12 @@ class CostModel:
         """One decoder layer for one new token attending to ``context`` earlier tokens (cached)."""
         return 2 * self.layer_params + 2 * 2 * self.attention_width * (context + 1)
 
+    def continuation_flops(self, token_layers: float, carried: int) -> float:
+        """``token_layers`` token-layers of a continuation whose carries hold ``carried`` tokens:
+        each token-layer multiplies one layer's matrices for one token and attends to (at most)
+        the ``carried`` tokens beside it (:mod:`.continuation`)."""
+        return token_layers * (2 * self.layer_params + 2 * 2 * self.attention_width * carried)
+
     def head_flops(self, positions: int, with_softmax: bool = False) -> float:
         flops = 2 * self.head_params * positions
         if with_softmax:
@@ -75,17 +83,22 @@ class CostModel:
         return 2 * (head_rows * self.head_width + extra * checks) + SOFTMAX_FLOPS_PER_WORD * (full * self.vocab_size + pruned * k)
 
     def request(self, tokens: int, exit_layer: int, scored: int, checks: float, share: int = 1, pruned: float = 0.0,
-                head_rows: float | None = None, vocab_free: float = 0.0) -> "ExitRecord":
+                head_rows: float | None = None, vocab_free: float = 0.0, check_continuation: tuple[float, int] = (0.0, 0),
+                exit_continuation: tuple[int, int] = (0, 0)) -> "ExitRecord":
         """The record of one request that ran ``exit_layer`` layers over ``tokens`` tokens.
 
         ``share``: requests scored off the same computed row (identical inputs, as with
         single-token answer choices) split its cost; ``checks`` is this request's part of its
-        group's exit-head evaluations.
+        group's exit-head evaluations, ``check_continuation`` (token-layers, carried tokens)
+        its part of their continuations'. ``exit_continuation`` (token-layers, carried tokens):
+        the row's exit read-out off the continuation, split like the row.
         """
-        rows = (exit_layer * self.layer_flops(tokens) + self.head_flops(scored)) / share
-        flops = rows + self.check_flops(checks, pruned, head_rows, vocab_free)
+        row_continuation = self.continuation_flops(*exit_continuation)
+        rows = (exit_layer * self.layer_flops(tokens) + self.head_flops(scored) + row_continuation) / share
+        flops = rows + self.check_flops(checks, pruned, head_rows, vocab_free) + self.continuation_flops(*check_continuation)
         full = (self.num_layers * self.layer_flops(tokens) + self.head_flops(scored)) / share
-        return ExitRecord(float(exit_layer), self.num_layers, flops, full, checks)
+        carried = check_continuation[0] + exit_continuation[0] / share
+        return ExitRecord(float(exit_layer), self.num_layers, flops, full, checks, continuation_token_layers=carried)
 
 
     def generation(self, prompt_tokens: int, exit_layers: list[int], checks: list[int], pruned: list[int] | None = None,
@@ -127,6 +140,7 @@ class ExitRecord:
     full_depth_generation: bool = False  # generated at full depth by model.generate (sampling)
     tokens: int = 0  # generated tokens (generation requests only)
     token_layers: tuple = ()  # per generated token: its exit layer
+    continuation_token_layers: float = 0.0  # tokens carried on alone x layers (SimLens), this request's part
 
     @staticmethod
     def merge(records: list["ExitRecord"]) -> "ExitRecord":
@@ -140,6 +154,7 @@ class ExitRecord:
             full_depth_generation=any(r.full_depth_generation for r in records),
             tokens=sum(r.tokens for r in records),
             token_layers=tuple(layer for r in records for layer in r.token_layers),
+            continuation_token_layers=sum(r.continuation_token_layers for r in records),
         )
 
 

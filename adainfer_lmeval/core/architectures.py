@@ -170,6 +170,41 @@ class DecoderStack:
         masks = [built[kind] for kind in kinds]
         return LayerInputs(position_ids=positions, masks=masks, position_embeddings=self._rope(hidden, positions))
 
+    def continuation_inputs(self, hidden: torch.Tensor, positions: torch.Tensor) -> LayerInputs:
+        """Masks and position embeddings for a few tokens carried on alone (:meth:`continue_from`).
+
+        ``hidden`` [rows, q, d] holds q tokens taken out of longer sequences, ``positions``
+        [rows, q] (increasing along q) where each sat there. Each token attends to the carried
+        tokens at or before it, and on sliding layers only to those within the window of its
+        own position, so rotary embeddings and windows see the tokens where they were.
+        """
+        queries = hidden.shape[1]
+        allowed = torch.ones(queries, queries, dtype=torch.bool, device=hidden.device).tril().expand(len(hidden), -1, -1)
+        kinds = self._mask_kinds()
+        built = {}
+        for kind in set(kinds):
+            mask = allowed
+            if kind == "sliding_attention":
+                mask = mask & (positions.unsqueeze(2) - positions.unsqueeze(1) < self.config.sliding_window)
+            built[kind] = self._mask_format(mask.unsqueeze(1), hidden.dtype)
+        return LayerInputs(position_ids=positions, masks=[built[kind] for kind in kinds],
+                           position_embeddings=self._rope(hidden, positions))
+
+    def continue_from(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Carry layer-``layer`` states of a few tokens through the remaining layers alone.
+
+        SimLens (Ma et al., 2025, arXiv 2507.17618): the start token and the answer position,
+        taken out of the prompt after layer ``layer`` and run through layers ``layer+1..L``
+        without the rest of it, read the last layer's answer far better than the lens at
+        ``layer`` does. ``hidden`` [rows, q, d], ``positions`` [rows, q] as
+        :meth:`continuation_inputs` takes them; returns their layer-``num_layers`` states.
+        Costs q tokens per remaining layer, against the prompt's T.
+        """
+        inputs = self.continuation_inputs(hidden, positions)
+        for index in range(layer, self.num_layers):
+            hidden = self.run_layer(index, hidden, inputs)
+        return hidden
+
     def run_layer(self, index: int, hidden: torch.Tensor, inputs: LayerInputs, cache=None) -> torch.Tensor:
         """Apply decoder layer ``index`` (0-based); returns the hidden state of layer index+1.
 

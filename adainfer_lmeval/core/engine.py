@@ -9,6 +9,13 @@ runs for it. Rows that share a *group* (the answer choices of one question: same
 the decision position) share one decision, read once off the group's first row; a policy that
 reads the answer-option signals also reads that row at the group's margin position (where the
 options first differ, :mod:`.options`), over one head row per option.
+
+A policy whose ``exit_readout`` is ``"continuation"`` (SimLens, :mod:`.continuation`) reads a
+stopping group's answer off the continuation instead: each of its rows carries token 0 and its
+scored positions from the exit layer through the remaining layers alone, and the final norm and
+head read the carried states. A speaker scored at its decision position alone whose options
+differ there (margin offset 0) already has that state from its check's continuation. Rows that
+run to the last layer are read there as ever.
 """
 
 from __future__ import annotations
@@ -18,11 +25,12 @@ from dataclasses import dataclass
 import torch
 
 from adainfer_lmeval.core.architectures import DecoderStack
-from adainfer_lmeval.core.exit_checks import ExitCheckConfig
+from adainfer_lmeval.core.continuation import carry
+from adainfer_lmeval.core.exit_checks import ExitCheckConfig, SpeakerContinuation
 from adainfer_lmeval.core.exit_step import ExitStep
 from adainfer_lmeval.core.features import FEATURE_NAMES, compute_features
 from adainfer_lmeval.core.head_clusters import HeadClusters
-from adainfer_lmeval.core.exit_policy import ExitPolicy
+from adainfer_lmeval.core.exit_policy import EXIT_READOUTS, ExitPolicy
 from adainfer_lmeval.core.options import AnswerOptions
 from adainfer_lmeval.core.stages import stage
 from adainfer_lmeval.errors import AdaInferError
@@ -79,6 +87,13 @@ class ExitResult:
     pruned_checks: list[int]  # per row: how many of those read K tokens only (check_vocab)
     check_rows: list[int]  # per row: head rows its group's checks multiplied (check head rows)
     vocab_free_checks: list[int]  # per row: how many of those ran no head over the vocabulary (option signals only)
+    # The continuation's token-layers (carried tokens x layers run, padding not counted) and the
+    # tokens each carry took: those of its group's checks (continuation signals), and its own
+    # exit read-out's (exit_readout "continuation"); 0 where none ran.
+    check_token_layers: list[int]  # per row: its group's checks', summed over them
+    check_carried_tokens: list[int]  # per row: tokens each of its group's checks carried
+    exit_token_layers: list[int]  # per row: its exit read-out's
+    exit_carried_tokens: list[int]  # per row: tokens its exit read-out carried
 
 
 @dataclass
@@ -97,6 +112,9 @@ class EarlyExitEngine:
         self.policy = policy
         self.checks = ExitCheckConfig() if checks is None else checks
         self.checks.check_against(self.stack.vocab_size)
+        if policy.exit_readout not in EXIT_READOUTS:
+            raise AdaInferError(f"policy={policy.name} has exit_readout={policy.exit_readout!r}; "
+                                f"choose one of {', '.join(EXIT_READOUTS)}")
         self.head_clusters = None  # built once from the head's weight, when the config asks for them
         if self.checks.clusters:
             self.head_clusters = HeadClusters.for_head(self.stack.head.weight, self.checks.clusters, self.checks.probes)
@@ -125,6 +143,10 @@ class EarlyExitEngine:
         step = self.exit_step(n_groups, groups.device, batch.options)
         # Python copies of the spans: reading tensors element by element would sync a GPU.
         spans = list(zip(decision.tolist(), lengths.tolist()))
+        continued = self.policy.exit_readout == "continuation"
+        if step.reads_continuation:  # host copies for the checks' continuations
+            row_groups, margin_offsets = groups.tolist(), batch.options.offsets.tolist()
+        exit_token_layers, exit_carried_tokens = [0] * rows, [0] * rows
 
         width = int(lengths.max())
         with stage("embed"):
@@ -153,19 +175,34 @@ class EarlyExitEngine:
             option_state = None
             if step.reads_options:  # the group's options first differ at its margin position
                 option_state = hidden[speaker_idx, decision[speaker_rows] + batch.options.offsets[speaker_groups]]
-            stop, check_logits = step.decide(layer, state, speaker_groups, option_state)
+            continuation = None
+            if step.reads_continuation:
+                speakers = speaker_rows.tolist()
+                continuation = SpeakerContinuation(hidden[speaker_idx], [spans[r][0] for r in speakers],
+                                                   [margin_offsets[row_groups[r]] for r in speakers])
+            stop, check_logits = step.decide(layer, state, speaker_groups, option_state, continuation)
             stopped = speaker_groups[stop]
             if stopped.numel() == 0:
                 continue
             leaving = torch.isin(groups[active], stopped)
-            # A speaker scored at its decision position alone (single-token answers) already
-            # has its exit logits: the check computed them.
-            known = {}
-            if check_logits is not None:
-                speakers = speaker_rows.tolist()
-                known = {r: check_logits[k : k + 1] for k, r in enumerate(speakers) if spans[r][1] - spans[r][0] == 1}
-            with stage("emit"):
-                self._emit(hidden[leaving], active[leaving], layer, spans, exit_layers, logits_out, known)
+            if continued:
+                # A speaker scored at its decision position alone, its options differing there,
+                # has its state at the last layer: its check carried the same tokens.
+                reused = {}
+                if continuation is not None:
+                    reused = {r: continuation.states[k : k + 1] for k, r in enumerate(speakers)
+                              if spans[r][1] - spans[r][0] == 1 and margin_offsets[row_groups[r]] == 0}
+                self._emit_continued(hidden[leaving], active[leaving], layer, spans, exit_layers, logits_out,
+                                     reused, exit_token_layers, exit_carried_tokens)
+            else:
+                # A speaker scored at its decision position alone (single-token answers) already
+                # has its exit logits: the check computed them.
+                known = {}
+                if check_logits is not None:
+                    speakers = speaker_rows.tolist()
+                    known = {r: check_logits[k : k + 1] for k, r in enumerate(speakers) if spans[r][1] - spans[r][0] == 1}
+                with stage("emit"):
+                    self._emit(hidden[leaving], active[leaving], layer, spans, exit_layers, logits_out, known)
             hidden, active = hidden[~leaving], active[~leaving]
             if active.numel() == 0:
                 break
@@ -180,8 +217,9 @@ class EarlyExitEngine:
             with stage("emit"):
                 self._emit(hidden, active, num_layers, spans, exit_layers, logits_out)
 
-        checks, pruned_checks, check_head_rows, vocab_free = step.counts(groups)
-        return ExitResult(exit_layers, logits_out, checks, pruned_checks, check_head_rows, vocab_free)  # type: ignore[arg-type]
+        checks, pruned_checks, check_head_rows, vocab_free, check_token_layers, check_carried_tokens = step.counts(groups)
+        return ExitResult(exit_layers, logits_out, checks, pruned_checks, check_head_rows, vocab_free,  # type: ignore[arg-type]
+                          check_token_layers, check_carried_tokens, exit_token_layers, exit_carried_tokens)
 
     @torch.no_grad()
     def trace(self, batch: ExitBatch):
@@ -228,16 +266,40 @@ class EarlyExitEngine:
         known = known or {}
         for r in rows:
             exit_layers[r] = layer
-        todo = [(i, r) for i, r in enumerate(rows) if r not in known]
-        for r in rows:
             if r in known:
                 logits_out[r] = known[r]
-        if not todo:
+        scored = {r: hidden[i, spans[r][0] : spans[r][1]] for i, r in enumerate(rows) if r not in known}
+        self._read_out(scored, logits_out)
+
+    def _emit_continued(self, hidden, rows, layer, spans, exit_layers, logits_out, reused, token_layers, carried_tokens):
+        """Exit logits of ``rows`` off the continuation from ``layer``: token 0 and the scored
+        positions of each row carried to the last layer (``reused``: a speaker's carried state
+        its check left), then one head call; counts each row's token-layers and carried tokens."""
+        rows = rows.tolist()
+        todo = [(i, r) for i, r in enumerate(rows) if r not in reused]
+        scored = {}
+        if todo:
+            with stage("exit_continuation", len(todo)):
+                index = torch.tensor([i for i, _ in todo], dtype=torch.long, device=hidden.device)
+                states = carry(self.stack, layer, hidden[index], [spans[r][0] for _, r in todo],
+                               [spans[r][1] - 1 for _, r in todo])
+            for k, (_, r) in enumerate(todo):
+                scored[r] = states.span(k, spans[r][1] - spans[r][0])
+                token_layers[r] = states.token_layers[k]
+                carried_tokens[r] = states.token_layers[k] // (self.stack.num_layers - layer)
+        for r in rows:
+            exit_layers[r] = layer
+            if r in reused:
+                scored[r] = reused[r]
+        with stage("emit"):
+            self._read_out(scored, logits_out)
+
+    def _read_out(self, scored: dict, logits_out) -> None:
+        """Final norm and head over each row's scored states (``scored``: row -> [n, d]), in one call."""
+        if not scored:
             return
-        gathered = torch.cat([hidden[i, spans[r][0] : spans[r][1]] for i, r in todo])
-        logits = self.stack.exit_logits(gathered)
+        logits = self.stack.exit_logits(torch.cat(list(scored.values())))
         offset = 0
-        for _, r in todo:
-            start, end = spans[r]
-            logits_out[r] = logits[offset : offset + end - start]
-            offset += end - start
+        for r, states in scored.items():
+            logits_out[r] = logits[offset : offset + len(states)]
+            offset += len(states)

@@ -18,7 +18,10 @@ that no check multiplies the whole head: the first costs C + probes·S head rows
 ones K.
 
 A policy that reads only the answer-option signals (``margin``, ...) runs no vocabulary head at
-all: its check multiplies one head row per option at the group's margin position.
+all: its check multiplies one head row per option at the group's margin position. A signal
+read off the continuation (``continuation_margin``) first carries the group's speaker, token 0
+and its positions decision..margin, from this layer through the remaining ones alone
+(:mod:`.continuation`), then multiplies the same K head rows at the carried margin position.
 
 Knows nothing of lm-eval or policies' internals: it gets the signal names to compute.
 """
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from adainfer_lmeval.errors import AdaInferError
+from adainfer_lmeval.core.continuation import carry
 from adainfer_lmeval.core.features import SignalInputs, compute_signals, signal_reads
 from adainfer_lmeval.core.options import AnswerOptions
 from adainfer_lmeval.core.stages import stage
@@ -100,34 +104,52 @@ def _check_arg(name: str, value) -> int | None:
     return k
 
 
+@dataclass
+class SpeakerContinuation:
+    """The speakers of one check, for the signals read off the continuation: this layer's
+    states of their rows and, as host ints, their decision positions and margin offsets. The
+    check fills in what it carried."""
+
+    hidden: torch.Tensor  # [n, T, d]
+    decisions: list[int]
+    margin_offsets: list[int]
+    states: torch.Tensor | None = None  # [n, d] filled in: the last layer's states at the margin positions
+    token_layers: list[int] | None = None  # filled in: per speaker, carried tokens x layers run
+    tokens: list[int] | None = None  # filled in: per speaker, the tokens carried
+
+
 class ExitChecks:
     """Checks for ``slots`` decision makers (groups, or generation rows) over one pass, computing
     the signals ``names`` (:mod:`.features`): the exit head over the vocabulary only when one of
-    them reads it, the answer options' head rows (``options``, per slot) only when one reads them."""
+    them reads it, the answer options' head rows (``options``, per slot) only when one reads them
+    at the margin position or off the continuation."""
 
     def __init__(self, stack, names: tuple[str, ...], vocab: int | None, slots: int, device, clusters=None,
                  options: AnswerOptions | None = None):
         self.stack, self.names = stack, names
         reads = signal_reads(names)
         self.reads_vocab, self.reads_options = "vocab" in reads, "options" in reads
+        self.reads_continuation = "continuation" in reads
+        self.options = options
         self.vocab = None if vocab is None or vocab >= stack.vocab_size else int(vocab)
         self.clusters = clusters if self.vocab is not None else None  # a HeadClusters, or None
         if self.vocab is not None:
             self.candidates = torch.zeros(slots, self.vocab, dtype=torch.long, device=device)
             self.pruned = torch.zeros(slots, dtype=torch.bool, device=device)
         if self.reads_options:
-            self.options = options
             # the option distribution at each slot's last consulted layer (option_change, option_kl)
             self.previous_option_probs = torch.zeros(options.tokens.shape, device=device)
             self.has_previous_options = torch.zeros(slots, dtype=torch.bool, device=device)
 
-    def consult(self, state, previous, layer: int, num_layers: int, slots: torch.Tensor, option_state=None):
+    def consult(self, state, previous, layer: int, num_layers: int, slots: torch.Tensor, option_state=None,
+                continuation: SpeakerContinuation | None = None):
         """(signals [n, len(names)], full-vocabulary logits or None, bool [n]: the check read
         K tokens of the vocabulary (pruned, or picked from head clusters), long [n]: head rows it
         multiplied).
 
         ``state``/``previous``: this and the previous layer's decision states [n, d];
-        ``option_state``: the states at the slots' margin positions [n, d] (when options are read).
+        ``option_state``: the states at the slots' margin positions [n, d] (when options are read);
+        ``continuation``: the slots' speakers (when the continuation is read; filled in here).
         The logits are returned only when every row of this call used the full head (so the
         caller may reuse them as exit logits).
         """
@@ -136,6 +158,8 @@ class ExitChecks:
         head_rows = torch.zeros(n, dtype=torch.long, device=state.device)
         if self.reads_options:
             head_rows += self._read_options(inputs, option_state, slots)
+        if self.reads_continuation:
+            head_rows += self._read_continuation(inputs, continuation, layer, slots)
         if not self.reads_vocab:
             with stage("check_features"):
                 features = compute_signals(self.names, inputs)
@@ -154,6 +178,23 @@ class ExitChecks:
         inputs.has_previous_options = self.has_previous_options[slots]
         self.previous_option_probs[slots] = inputs.option_probs
         self.has_previous_options[slots] = True
+        return valid.sum(-1)
+
+    def _read_continuation(self, inputs: SignalInputs, speakers: SpeakerContinuation, layer: int, slots) -> torch.Tensor:
+        """Carry each speaker from ``layer`` to the last layer (token 0, decision..margin), fill
+        ``inputs``' continuation option logits (one head row per option at the carried margin
+        position) and ``speakers``' carried states and counts; the head rows multiplied per row."""
+        last = [d + m for d, m in zip(speakers.decisions, speakers.margin_offsets)]
+        with stage("check_continuation", len(last)):
+            carried = carry(self.stack, layer, speakers.hidden, speakers.decisions, last)
+        steps = torch.tensor(speakers.margin_offsets, dtype=torch.long, device=carried.offsets.device)
+        speakers.states = carried.at(steps)
+        speakers.token_layers = carried.token_layers
+        speakers.tokens = [t // (self.stack.num_layers - layer) for t in carried.token_layers]
+        tokens, valid = self.options.tokens[slots], self.options.valid[slots]
+        with stage("check_head", len(last)):
+            inputs.continuation_option_logits = self.stack.exit_logits_over(speakers.states, tokens)
+        inputs.option_valid = valid
         return valid.sum(-1)
 
     def _read_vocab(self, inputs: SignalInputs, slots):

@@ -25,13 +25,20 @@ class ModelIdentity:
     vocab_size: int
 
 
+#: where a stopping row's answer is read: ``lens`` its exit layer's states through the final norm
+#: and head; ``continuation`` its scored positions carried on alone to the last layer first
+#: (SimLens, :mod:`.continuation`)
+EXIT_READOUTS = ("lens", "continuation")
+
+
 class ExitPolicy:
     """Base class. Subclasses set ``name``, ``params`` and override :meth:`decide`.
 
     ``features`` names the signals :meth:`decide` reads (registered in :mod:`.features`), one
     history column each; the engine runs exit checks only at layers where :meth:`consults_at`
     is true, only if ``features`` is not empty (a policy with no features, like ``static``,
-    costs no head evaluations), and computes only what those signals read.
+    costs no head evaluations), and computes only what those signals read. ``exit_readout``
+    (one of :data:`EXIT_READOUTS`) says how a row that stops before the last layer is read.
     """
 
     name = "base"
@@ -39,6 +46,7 @@ class ExitPolicy:
     params: dict[str, tuple[type, str]] = {}
     features: tuple[str, ...] = ()
     min_layer: int = 1
+    exit_readout: str = "lens"
 
     def consults_at(self, layer: int, num_layers: int) -> bool:
         return self.min_layer <= layer < num_layers

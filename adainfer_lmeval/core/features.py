@@ -11,8 +11,9 @@ registered under its name with what it reads::
 ``reads`` tells the exit check what to compute for it, and nothing is computed that no asked-for
 signal reads: ``vocab`` the exit logits at the decision position (the full head, or K rows with
 ``check_vocab``), ``options`` the answer options' logits at the margin position (K head rows, see
-:mod:`.options`), ``hidden`` this layer's and the previous layer's decision states, ``layer``
-nothing but the layer. Intermediates several signals share (the log-partition, the top two
+:mod:`.options`), ``continuation`` the same K logits read off the SimLens continuation (the
+group's speaker carried from this layer to the last, :mod:`.continuation`), ``hidden`` this
+layer's and the previous layer's decision states, ``layer`` nothing but the layer. Intermediates several signals share (the log-partition, the top two
 probabilities, the options' softmax) are computed once per check, on first use.
 
 The paper's features are the top probability p1 and the gap p1 - p2 of the softmax over the
@@ -20,7 +21,9 @@ vocabulary; entropy, the cosine similarity of consecutive hidden states and the 
 are the extra ones its ablation weighs (:data:`FEATURE_NAMES`, the columns of collected traces
 and of policy files). The option signals: ``margin`` (top minus second option probability),
 ``option_change`` (1.0 where the options' argmax moved since the previous consulted layer) and
-``option_kl`` (KL from the previous consulted layer's option distribution to this one's).
+``option_kl`` (KL from the previous consulted layer's option distribution to this one's). The
+continuation signal: ``continuation_margin`` (the ``margin`` of the options' logits at the last
+layer of the continuation instead of at this layer).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from adainfer_lmeval.core.options import option_change, option_kl, option_margin
 from adainfer_lmeval.errors import AdaInferError
 
 FEATURE_NAMES = ("p1", "gap", "entropy", "cosine", "depth")
-READS = ("vocab", "options", "hidden", "layer")
+READS = ("vocab", "options", "continuation", "hidden", "layer")
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,16 @@ def signal_reads(names: tuple[str, ...]) -> set[str]:
 
 def option_signals(names: tuple[str, ...]) -> list[str]:
     """Those of ``names`` that read the answer options."""
-    return [name for name in names if name in SIGNALS and SIGNALS[name].reads == "options"]
+    return _reading(names, "options")
+
+
+def continuation_signals(names: tuple[str, ...]) -> list[str]:
+    """Those of ``names`` that read the continuation (they need the answer options too)."""
+    return _reading(names, "continuation")
+
+
+def _reading(names: tuple[str, ...], reads: str) -> list[str]:
+    return [name for name in names if name in SIGNALS and SIGNALS[name].reads == reads]
 
 
 @dataclass
@@ -88,6 +100,7 @@ class SignalInputs:
     option_valid: torch.Tensor | None = None  # [rows, K] bool
     previous_option_probs: torch.Tensor | None = None  # [rows, K] at the previous consulted layer
     has_previous_options: torch.Tensor | None = None  # [rows] bool: that layer exists
+    continuation_option_logits: torch.Tensor | None = None  # [rows, K] at the continuation's margin position
 
     # p1 and gap need only the top two logits and the log-partition: a full-vocabulary
     # softmax per check would materialise [rows, vocab] probabilities for two numbers.
@@ -107,6 +120,10 @@ class SignalInputs:
     def option_probs(self) -> torch.Tensor:
         return option_probs(self.option_logits, self.option_valid)
 
+    @cached_property
+    def continuation_option_probs(self) -> torch.Tensor:
+        return option_probs(self.continuation_option_logits, self.option_valid)
+
     def select(self, pick: torch.Tensor) -> "SignalInputs":
         """The inputs of the rows ``pick`` (bool [rows]) only, intermediates not carried over."""
         rows = {name: getattr(self, name) for name in _ROW_FIELDS}
@@ -120,7 +137,7 @@ class SignalInputs:
 
 
 _ROW_FIELDS = ("logits", "hidden", "previous_hidden", "option_logits", "option_valid", "previous_option_probs",
-               "has_previous_options")
+               "has_previous_options", "continuation_option_logits")
 
 
 def compute_signals(names: tuple[str, ...], inputs: SignalInputs) -> torch.Tensor:
@@ -196,3 +213,11 @@ def _option_change(inputs: SignalInputs) -> torch.Tensor:
 def _option_kl(inputs: SignalInputs) -> torch.Tensor:
     kl = option_kl(inputs.option_probs, inputs.previous_option_probs, inputs.option_valid)
     return inputs.since_previous_options(kl)
+
+
+# ---- over the continuation (SimLens; loglikelihood groups only) --------------------------------
+
+
+@signal("continuation_margin", reads="continuation")
+def _continuation_margin(inputs: SignalInputs) -> torch.Tensor:
+    return option_margin(inputs.continuation_option_probs, inputs.option_valid)

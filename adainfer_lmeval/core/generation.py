@@ -14,7 +14,9 @@ layer, a few percent of a layer; recomputing the skipped layers properly would c
 layers themselves and save nothing.
 
 Generated tokens have no answer options, so a policy reading the option signals (``margin``,
-...) is refused here; the others read their signals at each step's token.
+...) is refused here, and so is one reading or answering off the SimLens continuation
+(``simlens``: it is defined over a loglikelihood group's scored positions, not per generated
+token); the others read their signals at each step's token.
 
 The prompt runs at full depth except its last token: all prompt tokens but the last are
 attended to by every later token at every layer. The last prompt token is the first step,
@@ -33,7 +35,7 @@ from typing import Callable, Iterable
 import torch
 
 from adainfer_lmeval.core.engine import EarlyExitEngine
-from adainfer_lmeval.core.features import option_signals
+from adainfer_lmeval.core.features import continuation_signals, option_signals
 from adainfer_lmeval.core.kv_cache import RowCache
 from adainfer_lmeval.errors import AdaInferError
 
@@ -48,8 +50,16 @@ class GenerationOutput:
     prompt_lengths: list[int]  # real (unpadded) prompt tokens per row
 
 
-def refuse_option_signals(policy) -> None:
-    """Generation has no answer options: a policy reading option signals cannot run here."""
+def refuse_loglikelihood_only(policy) -> None:
+    """Generation has no answer options and no continuation read-out: a policy reading option
+    or continuation signals, or reading its answer off the continuation, cannot run here."""
+    continued = continuation_signals(policy.features)
+    if continued or policy.exit_readout == "continuation":
+        what = f"reads the SimLens continuation ({', '.join(continued)})" if continued else "answers off the SimLens continuation"
+        raise AdaInferError(
+            f"policy={policy.name} {what}, defined over a loglikelihood group's answer options, not per generated token: "
+            "generate_until tasks cannot use it; use threshold or static"
+        )
     reads = option_signals(policy.features)
     if reads:
         raise AdaInferError(
@@ -83,7 +93,7 @@ class EarlyExitGenerator:
         ``finished(tokens_so_far)``: the caller's per-row stop check (stop strings); a row also
         ends at any of ``eos_token_ids``.
         """
-        refuse_option_signals(self.engine.policy)
+        refuse_loglikelihood_only(self.engine.policy)
         stack = self.stack
         rows, width = input_ids.shape
         device = input_ids.device
@@ -180,5 +190,5 @@ class EarlyExitGenerator:
             if not bool(keep.any()):
                 break
             hidden, alive, inputs = hidden[keep], alive[keep], inputs.select(keep)
-        checks, pruned_checks, check_head_rows, _ = step.counts()  # no options here: no options-only checks
+        checks, pruned_checks, check_head_rows, *_ = step.counts()  # no options here: no options-only checks, no continuation
         return logits, exit_layers, checks, pruned_checks, check_head_rows

@@ -1,7 +1,8 @@
 """Named stages of the early-exit forward pass, for profiling; free when nothing listens.
 
 The engine and the exit checks mark their stages with ``with stage("layers"):`` (embed,
-layer_inputs, layers, check_head, check_features, emit; the backend marks engine_run). With no
+layer_inputs, layers, check_head, check_features, check_continuation, exit_continuation, emit;
+the backend marks engine_run). With no
 :class:`StageClock` running, :func:`stage` hands back one shared do-nothing context: a global
 read and a call per stage, nothing measured. Inside ``with StageClock() as clock:`` each stage
 adds its wall-clock seconds, its calls and its rows to ``clock``. Stages are marked where they

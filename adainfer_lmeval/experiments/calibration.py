@@ -25,9 +25,17 @@ answers changed (its rows are not independent draws).
 Among the accepted points, the one with the fewest layers run wins; each consultation is
 charged ``check_cost`` decoder layers, so that of two points that exit alike the one that
 consults from a later layer wins.
+
+What a document answers when it exits at layer l, and what reading that answer costs beyond the
+layers run, is the policy's :class:`Readout`: the lens by default (the collected choice at l,
+nothing extra: the exit's head is part of the layer), the SimLens continuation for the policies
+that read it (their answers at each layer, their carries in layer equivalents).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from scipy.stats import beta
@@ -54,6 +62,57 @@ def passes_guarantee(changed: int, n: int, max_changed: float, confidence: float
     return changed_upper_bound(changed, n, confidence) <= max_changed
 
 
+@dataclass
+class Outcome:
+    """Per document, what a policy point did: its exit layer, its answer there, and the read-out's
+    cost beyond the layers run (layer equivalents)."""
+
+    exits: np.ndarray  # [N] 1-based exit layer
+    answers: np.ndarray  # [N] the option answered
+    extra_layers: np.ndarray  # [N]
+
+    @property
+    def layers_run(self) -> np.ndarray:
+        return self.exits + self.extra_layers
+
+
+@dataclass
+class Readout:
+    """Per document and exit layer l: the answer, and the cost of reading it beyond the layers run.
+
+    A consultation at layer l costs ``check_cost[:, l-1]``, the exit answer at l ``exit_cost[:, l-1]``
+    (layer equivalents); a document pays for every consultation from ``min_layer`` up to its exit
+    (layer L is never consulted) and for its exit answer. A threshold above ``score_ceiling`` (the
+    most the policy's score can be) can never stop anyone: that point is full depth, which the
+    backend runs as ``policy=full``, consulting nothing.
+    """
+
+    answers: np.ndarray  # [N, L]
+    check_cost: np.ndarray  # [N, L-1]
+    exit_cost: np.ndarray  # [N, L]
+    score_ceiling: float | None = None
+
+    @classmethod
+    def lens(cls, data) -> "Readout":
+        """The collected choice at each layer, nothing read beyond the layers run."""
+        n, L = data.choice.shape
+        return cls(data.choice, np.zeros((n, L - 1)), np.zeros((n, L)))
+
+    @cached_property
+    def _checks_through(self) -> np.ndarray:
+        """[N, L]: column l, the cost of consulting layers 1..l (column 0: none)."""
+        return np.concatenate([np.zeros((len(self.check_cost), 1)), np.cumsum(self.check_cost, 1)], 1)
+
+    def outcome(self, exits: np.ndarray, min_layer: int, threshold: float | None = None) -> Outcome:
+        rows = np.arange(len(exits))
+        if self.score_ceiling is not None and threshold is not None and threshold > self.score_ceiling:
+            return Outcome(exits, self.answers[rows, exits - 1], self.exit_cost[rows, exits - 1])  # no checks
+        checked = self._checks_through
+        last_check = np.minimum(exits, checked.shape[1] - 1)
+        extra = checked[rows, last_check] - checked[:, max(0, min_layer - 1)] + self.exit_cost[rows, exits - 1]
+        return Outcome(exits, self.answers[rows, exits - 1], extra)
+
+
 def exit_layers(scores: np.ndarray, threshold: float, min_layer: int) -> np.ndarray:
     """First layer l (1-based, >= min_layer, < L) with score >= threshold; L when none (a NaN
     score never stops)."""
@@ -63,9 +122,13 @@ def exit_layers(scores: np.ndarray, threshold: float, min_layer: int) -> np.ndar
     return np.where(stop.any(1), stop.argmax(1) + 1, m + 1)
 
 
-def evaluate(data, exits: np.ndarray) -> dict:
-    """Accuracy, agreement with full depth and layers saved of ``data`` exiting at ``exits``."""
-    picked = data.choice[np.arange(len(exits)), exits - 1]
+def evaluate(data, exits: np.ndarray, readout: Readout | None = None, min_layer: int = 1,
+             threshold: float | None = None) -> dict:
+    """Accuracy, agreement with full depth and layers saved of ``data`` exiting at ``exits``, read
+    by ``readout`` (default: the lens) consulted from ``min_layer`` at ``threshold``: layers saved
+    count its cost."""
+    outcome = (Readout.lens(data) if readout is None else readout).outcome(exits, min_layer, threshold)
+    picked = outcome.answers
     L = data.num_layers
     return {
         "n_docs": int(len(exits)),
@@ -73,7 +136,7 @@ def evaluate(data, exits: np.ndarray) -> dict:
         "full_acc": float((data.choice[:, L - 1] == data.gold).mean()),
         "policy_acc": float((picked == data.gold).mean()),
         "mean_exit_layer": float(exits.mean()),
-        "layers_saved": float(1 - exits.mean() / L),
+        "layers_saved": float(1 - (exits.mean() + outcome.extra_layers.mean()) / L),
         "agreement_with_full": float((picked == data.choice[:, L - 1]).mean()),
     }
 
@@ -85,9 +148,10 @@ def documents_changed(doc_index: np.ndarray, changed_rows: np.ndarray) -> int:
 
 def calibrate(data, scores: np.ndarray, tolerance: float = 0.01, n_thresholds: int = 80, criterion: str = "accuracy",
               check_cost: float = 0.0, chain_start: int | None = None, max_changed: float = 0.01,
-              confidence: float = 0.95, max_threshold: float | None = None) -> dict:
+              confidence: float = 0.95, max_threshold: float | None = None, readout: Readout | None = None) -> dict:
     """The operating point under ``criterion`` (:data:`CRITERIA`; see the module docstring) with
-    the fewest layers run plus ``check_cost`` per consultation; the never-exit point when none passes.
+    the fewest layers run (with ``readout``'s cost) plus ``check_cost`` per consultation; the
+    never-exit point when none passes. Answers are ``readout``'s (default: the lens).
 
     ``tolerance`` serves the empirical criteria, ``max_changed`` and ``confidence`` the guarantee.
     A CRF reads every layer of its chain from ``chain_start`` on whatever ``min_layer`` is, so its
@@ -109,11 +173,13 @@ def calibrate(data, scores: np.ndarray, tolerance: float = 0.01, n_thresholds: i
     if max_threshold is not None:
         never = min(never, max_threshold)
     first_check = lambda m: m if chain_start is None else min(chain_start, m)  # noqa: E731
-    rows = np.arange(len(scores))
+    readout = Readout.lens(data) if readout is None else readout
 
     def point_at(threshold: float, min_layer: int, exits: np.ndarray) -> dict:
-        picked = data.choice[rows, exits - 1]
+        outcome = readout.outcome(exits, min_layer, threshold)
+        picked = outcome.answers
         return {"threshold": float(threshold), "min_layer": int(min_layer), "mean_exit_layer": float(exits.mean()),
+                "continuation_layers": float(outcome.extra_layers.mean()),
                 "acc": float((picked == data.gold).mean()), "changed_rate": float((picked != final).mean()),
                 "calibration_changed": documents_changed(doc_index, picked != final),
                 "mean_checks": float((np.minimum(exits, L - 1) - first_check(min_layer) + 1).mean())}
@@ -126,7 +192,7 @@ def calibrate(data, scores: np.ndarray, tolerance: float = 0.01, n_thresholds: i
         return passes_guarantee(point["calibration_changed"], n_docs, max_changed, path_confidence)
 
     path_confidence = 1.0 - (1.0 - confidence) / max(1, L - 1)  # Bonferroni over the min_layer paths
-    cost = lambda point: point["mean_exit_layer"] + check_cost * point["mean_checks"]  # noqa: E731
+    cost = lambda point: point["mean_exit_layer"] + point["continuation_layers"] + check_cost * point["mean_checks"]  # noqa: E731
     best = point_at(never, L - 1, exit_layers(scores, never, L - 1))
     accepted_any = accepted(best)
     # first_from[:, m-1]: the first layer >= m whose score reaches the threshold (L if none), i.e.

@@ -9,7 +9,9 @@ Two steps, both resumable:
 1. **Collect** (:mod:`adainfer_lmeval.experiments.collect`, lm-eval's own prompts) the training
    and test documents of every model and task (:mod:`.study_tasks`) into ``--collect-dir``
    (``out/study/collect/<model>/<task>@<shots>-<role>.parquet``); files that are there, of this
-   schema and these settings, are reused.
+   schema and these settings, are reused; beside each, the SimLens continuation read-out
+   (:mod:`adainfer_lmeval.experiments.collect_continuation`, ``...-continuation.parquet``) that
+   the SimLens policies answer with, unless ``--no-continuation``.
 2. **Evaluate offline** (:mod:`.study_evaluation`): every policy of :mod:`.study_policies`,
    intra-task, inter-task and inter-model, at the three operating points of
    :data:`~adainfer_lmeval.experiments.calibration.CRITERIA`; then the report
@@ -26,16 +28,16 @@ import time
 from pathlib import Path
 
 from adainfer_lmeval.errors import AdaInferError
-from adainfer_lmeval.experiments.study_policies import LABEL, STUDY_POLICIES, CalibrationRules
+from adainfer_lmeval.experiments.study_policies import LABEL, CalibrationRules
 from adainfer_lmeval.experiments.study_tasks import DEFAULT_STUDY_MODELS, DEFAULT_STUDY_TASKS, StudyTask, parse_models
 from adainfer_lmeval.offline.pypi import package_versions
 
 
 def _backend_check(args, models, tasks, fitted, collections) -> dict:
-    from adainfer_lmeval.experiments.study_backend import backend_check
+    from adainfer_lmeval.experiments.study_backend import BACKEND_POLICIES, backend_check
 
     model, task = next(iter(models)), tasks[0]
-    policies = {p: fitted[(model, task.label, "intra", p)] for p in STUDY_POLICIES}
+    policies = {p: fitted[(model, task.label, "intra", p)] for p in BACKEND_POLICIES}
     report = backend_check(model, task, args.check_docs, policies, collections[(model, task.label, "train")],
                            args.collect_dir.parent / "check")
     for policy, r in report.items():
@@ -53,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--collect-dir", type=Path, default=Path("out/study/collect"))
     parser.add_argument("--collect-only", action="store_true", help="collect the feature files and stop")
     parser.add_argument("--threads", type=int, help="torch threads while collecting (1 on a shared machine)")
+    parser.add_argument("--no-continuation", action="store_true",
+                        help="collect no continuation read-outs (the SimLens policies are left out where there are none)")
     parser.add_argument("--tolerance", type=float, default=0.01, help="the empirical operating points' 1 point / 1%% of answers")
     parser.add_argument("--max-changed", type=float, default=0.01, help="the guarantee's δ: at most this rate of answers changed")
     parser.add_argument("--confidence", type=float, default=0.95, help="the guarantee's confidence")
@@ -76,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         tasks = [StudyTask.parse(t) for t in args.tasks.split(",") if t]
         rules = CalibrationRules(args.tolerance, args.max_changed, args.confidence, args.inner_folds, args.seed)
         print(f"collecting into {args.collect_dir} (missing files only) ...", flush=True)
-        collect_all(models, tasks, args.collect_dir, args.seed, log=lambda m: print(m, flush=True))
+        collect_all(models, tasks, args.collect_dir, args.seed, log=lambda m: print(m, flush=True),
+                    continuation=not args.no_continuation)
         if args.collect_only:
             print(f"collected in {time.time() - started:.0f}s")
             return 0

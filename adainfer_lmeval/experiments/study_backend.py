@@ -2,8 +2,9 @@
 
 Each fitted policy is run through ``lm_eval.simple_evaluate(model="adainfer", ...)`` as the
 policy the backend knows (SVM/CRF as policy files, the rules as ``policy=threshold``,
-``margin``, ``static``), and its exit layers and answers are compared with the offline
-evaluation of the same documents' collected features.
+``margin``, ``static``, ``simlens``), and its exit layers and answers are compared with the offline
+evaluation of the same documents' collected features (and, for ``simlens``, their collected
+continuation read-out: :func:`~.study_policies.document_outcomes`).
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from adainfer_lmeval.experiments.study_policies import CLASSIFIERS, LABEL, layer_scores
+from adainfer_lmeval.experiments.study_policies import CLASSIFIERS, CONTINUATION_POLICIES, LABEL, document_outcomes
 from adainfer_lmeval.experiments.study_tasks import StudyTask
+
+BACKEND_POLICIES = ("svm", "crf", "threshold", "margin", "static", "simlens")  # the study policies the backend runs
 
 
 def backend_policy(policy: str, fit: dict, train, out_dir: Path, criterion: str = "accuracy") -> str:
@@ -32,8 +35,8 @@ def backend_policy(policy: str, fit: dict, train, out_dir: Path, criterion: str 
         return f"threshold,gap={threshold!r},min_layer={min_layer}"
     if threshold > 1.0:  # margin and static scores never exceed 1: the calibrated point never exits
         return "full"
-    if policy == "margin":
-        return f"margin,margin={threshold!r},min_layer={min_layer}"
+    if policy in ("margin", "simlens"):
+        return f"{policy},margin={threshold!r},min_layer={min_layer}"
     return f"static,layer={min_layer}"
 
 
@@ -46,22 +49,27 @@ def backend_check(model: str, task: StudyTask, n_docs: int, fitted: dict, train,
     Returns per policy: the offline and backend exit layers and accuracies, and whether they agree.
     """
     from adainfer_lmeval.adapter.harness import evaluate, task_manager
-    from adainfer_lmeval.experiments.calibration import exit_layers
     from adainfer_lmeval.experiments.collect import collect
-    from adainfer_lmeval.experiments.training_data import load_data
+    from adainfer_lmeval.experiments.training_data import load_data, with_continuation
     from adainfer_lmeval.offline.environment import configure_offline_environment
 
     path = workdir / f"check-{task.label}.parquet"
     collect(model, [task.name], [task.shots], None, path, doc_filter=lambda _n, i: i < n_docs, quiet=True)
     data = load_data(path)
+    if any(policy in CONTINUATION_POLICIES for policy in fitted):
+        from adainfer_lmeval.adapter.backend import AdaInferLM
+        from adainfer_lmeval.experiments.collect_continuation import collect_continuation
+
+        collect_continuation(AdaInferLM(pretrained=model, policy="full", batch_size=1, device="cpu"), path)
+        data = with_continuation(data, path)
     data = data.subset(np.argsort([int(k.split(":")[-1]) for k in data.keys]))  # by doc id, as lm-eval's samples
     configure_offline_environment()
     manager = task_manager()
     report = {}
     for policy, fit in fitted.items():
         point = fit["points"][criterion]
-        offline = exit_layers(layer_scores(policy, fit["params"], data), point["threshold"], point["min_layer"])
-        offline_correct = data.choice[np.arange(len(offline)), offline - 1] == data.gold
+        outcome = document_outcomes(policy, fit["params"], data, point)
+        offline, offline_correct = outcome.exits, outcome.answers == data.gold
         spec = backend_policy(policy, fit, train, workdir / "policies", criterion)
         result = evaluate(
             model="adainfer", model_args=f"pretrained={model},policy={spec}", tasks=[task.name], num_fewshot=task.shots,

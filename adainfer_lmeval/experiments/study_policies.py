@@ -11,12 +11,24 @@ Every policy stops at the first layer l >= ``min_layer`` whose score reaches ``t
   probability of a softmax over the options' logits where they first differ), ``policy=margin``;
 * ``static``: a score of 1 everywhere, so every input exits at ``min_layer``: plain layer pruning.
 
+The SimLens policies answer with the continuation (:mod:`adainfer_lmeval.core.continuation`: the
+rows' scored positions carried from the exit layer through the rest alone) instead of the lens,
+and pay for it (:func:`policy_readout`): they need the collection's continuation read-out
+(:mod:`.collect_continuation`) and are left out where it was not collected.
+
+* ``simlens``: the score is ``continuation_margin`` (the option margin read at the continuation's
+  last layer), ``policy=simlens``; every consulted layer's check carries the speaker's tokens;
+* ``simlens_static``: every input exits at ``min_layer`` with the continuation's answer (SimLens
+  as plain layer pruning, one parameter);
+* ``margin_simlens``: the lens ``margin`` decides, the continuation answers (the cheap check, the
+  better read-out).
+
 Nothing but the SVM and CRF is fitted; every policy's (threshold, min_layer) is calibrated on
 the training documents under each criterion of
 :data:`~adainfer_lmeval.experiments.calibration.CRITERIA`.
 
 Layer mapping across models: every feature is per layer and model-free (p1, gap, entropy,
-cosine of consecutive hidden states, *relative* depth l/L, the option margin), so a score
+cosine of consecutive hidden states, *relative* depth l/L, the option margins), so a score
 applies to another model's layers unchanged; only ``min_layer`` is a layer count: it is scaled
 by relative depth (:func:`map_point`).
 """
@@ -28,10 +40,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from adainfer_lmeval.core.features import FEATURE_NAMES
+from adainfer_lmeval.errors import AdaInferError
+from adainfer_lmeval.experiments.calibration import Outcome, Readout, exit_layers
 
-STUDY_POLICIES = ("svm", "crf", "threshold", "margin", "static")
+STUDY_POLICIES = ("svm", "crf", "threshold", "margin", "static", "simlens", "simlens_static", "margin_simlens")
 CLASSIFIERS = ("svm", "crf")  # fitted; the others only calibrated
-SIGNAL_RULES = {"threshold": "gap", "margin": "margin"}  # policy -> the one signal it thresholds
+SIGNAL_RULES = {"threshold": "gap", "margin": "margin", "margin_simlens": "margin"}  # policy -> the one signal it thresholds
+STATIC_RULES = ("static", "simlens_static")  # a score of 1 everywhere: exit at min_layer
+CONTINUATION_POLICIES = ("simlens", "simlens_static", "margin_simlens")  # they answer with the continuation
 TRAINING_SETTINGS = ("intra", "inter-task", "inter-model")
 LABEL = {"mode": "final", "prediction": "option"}
 
@@ -79,9 +95,56 @@ def layer_scores(policy: str, params, data) -> np.ndarray:
     last = data.num_layers - 1
     if policy in CLASSIFIERS:
         return classifier_scores(params, data, data.columns(FEATURE_NAMES))
-    if policy == "static":
+    if policy in STATIC_RULES:
         return np.ones((len(data.keys), last))
+    if policy == "simlens":
+        return _continuation(data, policy).margin[:, :last]
     return data.feats[:, :last, data.columns([SIGNAL_RULES[policy]])[0]]
+
+
+def has_readout(policy: str, data) -> bool:
+    """Whether ``data`` holds what ``policy`` answers with (the continuation read-out, for those reading it)."""
+    return policy not in CONTINUATION_POLICIES or data.continuation is not None
+
+
+def _continuation(data, policy: str):
+    if data.continuation is None:
+        raise AdaInferError(f"policy {policy} answers with the continuation: collect its read-out "
+                            "(adainfer_lmeval.experiments.collect_continuation) first")
+    return data.continuation
+
+
+def policy_readout(policy: str, data) -> Readout:
+    """What ``policy`` answers at each exit layer of ``data``'s documents and what that costs.
+
+    The lens for the policies that do not read the continuation. For the SimLens policies, the
+    continuation's answer at layers 1..L-1 (a document that never stops runs to layer L and is
+    read as usual), and its carries in layer equivalents: tokens x remaining layers over the
+    group's computed rows' tokens. ``simlens``'s check at layer l carries the speaker's check
+    tokens (its option head rows are not counted, as ``margin``'s are not); the exit answer at
+    l < L carries every computed row's scored positions, less what a ``simlens`` check at l
+    already carried (``reused_tokens``).
+    """
+    if policy not in CONTINUATION_POLICIES:
+        return Readout.lens(data)
+    readout = _continuation(data, policy)
+    L = data.num_layers
+    remaining = (L - np.arange(1, L + 1)).astype(np.float64)  # layers after layer l
+    answers = readout.choice.copy()
+    answers[:, L - 1] = data.choice[:, L - 1]
+    exit_tokens = readout.exit_tokens - (readout.reused_tokens if policy == "simlens" else 0.0)
+    exit_cost = (exit_tokens / readout.row_tokens)[:, None] * remaining
+    check_tokens = readout.check_tokens if policy == "simlens" else np.zeros(len(answers))
+    check_cost = (check_tokens / readout.row_tokens)[:, None] * remaining[: L - 1]
+    return Readout(answers, check_cost, exit_cost, score_ceiling=1.0)  # margins are probabilities
+
+
+def document_outcomes(policy: str, params, data, point: dict) -> Outcome:
+    """Per document of ``data``, what ``policy`` (fitted ``params``) does at the operating point
+    ``point`` (threshold, min_layer): its exit layer, its answer there and the read-out's cost
+    in layer equivalents (the offline side of the backend's ``policy=...``)."""
+    exits = exit_layers(layer_scores(policy, params, data), point["threshold"], point["min_layer"])
+    return policy_readout(policy, data).outcome(exits, point["min_layer"], point["threshold"])
 
 
 def fit_study_policy(train, policy: str, rules: CalibrationRules) -> dict:
@@ -94,6 +157,7 @@ def fit_study_policy(train, policy: str, rules: CalibrationRules) -> dict:
     from adainfer_lmeval.experiments.fitting import cross_fitted_scores, fit_classifier
     from adainfer_lmeval.experiments.training_data import make_labels
 
+    readout = policy_readout(policy, train)
     if policy in CLASSIFIERS:
         cols = train.columns(FEATURE_NAMES)
         y = make_labels(train, LABEL["mode"], LABEL["prediction"])
@@ -102,6 +166,6 @@ def fit_study_policy(train, policy: str, rules: CalibrationRules) -> dict:
     else:
         params, held_out = None, layer_scores(policy, None, train)
     points = {c: calibrate(train, held_out, rules.tolerance, criterion=c, max_changed=rules.max_changed,
-                           confidence=rules.confidence) for c in CRITERIA}
+                           confidence=rules.confidence, readout=readout) for c in CRITERIA}
     return {"params": params, "points": points, "layers": train.num_layers, "n_train": len(train.keys),
             "calibration_docs": len(set(train.keys)), "train_tasks": sorted(set(train.source))}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adainfer_lmeval.experiments.study_policies import STUDY_POLICIES, TRAINING_SETTINGS
+from adainfer_lmeval.experiments.study_policies import CONTINUATION_POLICIES, STUDY_POLICIES, TRAINING_SETTINGS
 
 REPORTED_CRITERIA = ("agreement", "accuracy", "guarantee")
 CRITERION_TEXT = {
@@ -50,6 +50,8 @@ def summary_rows(rows: list[dict], criterion: str) -> list[dict]:
             "policy": policy, "setting": setting, "cells": len(members),
             "mean_layers_saved": float(np.mean([r["layers_saved"] for r in members])),
             "mean_layers_saved_se": _pooled_se([r["layers_saved_se"] for r in members]),
+            "mean_continuation_share": (float(np.mean([r["continuation_share"] for r in members]))
+                                        if policy in CONTINUATION_POLICIES else None),
             "mean_delta_points": float(np.mean([r["delta_points"] for r in members])),
             "mean_delta_se_points": _pooled_se([r["delta_se_points"] for r in members]),
             "worst_delta_points": float(np.min([r["delta_points"] for r in members])),
@@ -64,12 +66,15 @@ def summary_rows(rows: list[dict], criterion: str) -> list[dict]:
 def _cell_text(r: dict | None) -> str:
     if r is None:
         return "-"
-    return f"{_pct(r['acc'])} / {_pct(r['layers_saved'])} (Δ{r['delta_points']:+.1f}±{r['delta_se_points']:.1f})"
+    continuation = f", cont. {_pct(r['continuation_share'])}" if r["policy"] in CONTINUATION_POLICIES else ""
+    return f"{_pct(r['acc'])} / {_pct(r['layers_saved'])} (Δ{r['delta_points']:+.1f}±{r['delta_se_points']:.1f}{continuation})"
 
 
 def _criterion_tables(rows: list[dict], criterion: str) -> list[str]:
     lines = [f"### Operating point `{criterion}`", "", CRITERION_TEXT[criterion], "",
-             "Per cell: test accuracy % / layers saved % (Δ points against full depth ± its paired standard error).", ""]
+             "Per cell: test accuracy % / layers saved % (Δ points against full depth ± its paired standard error; for "
+             "the SimLens policies, cont.: the continuation's carries in % of the model's depth, counted in the layers "
+             "saved). `-`: not evaluated (no continuation read-out collected for the cell).", ""]
     for setting in [s for s in TRAINING_SETTINGS if any(r["setting"] == s for r in rows)]:
         lines += [f"#### {setting}", ""]
         header = ["model", "task", "shots", "n", "chance", "full", "oracle", *STUDY_POLICIES, "note"]
@@ -86,10 +91,11 @@ def _criterion_tables(rows: list[dict], criterion: str) -> list[str]:
         lines.append("")
     passed = " | cells passed" if criterion == "guarantee" else ""
     lines += ["Mean over the cells *above chance* (a saving at chance proves nothing), ± standard error over documents:", "",
-              f"| policy | setting | cells | mean layers saved % | mean Δ points | worst Δ | cells within 1 pt | cells with ≥14.8% saved within 1 pt{passed} |",
-              "|---|---|---|---|---|---|---|---|" + ("---|" if passed else "")]
+              f"| policy | setting | cells | mean layers saved % | continuation % of depth (counted in the saving) | mean Δ points | worst Δ | cells within 1 pt | cells with ≥14.8% saved within 1 pt{passed} |",
+              "|---|---|---|---|---|---|---|---|---|" + ("---|" if passed else "")]
     for s in summary_rows(rows, criterion):
         lines.append(f"| {s['policy']} | {s['setting']} | {s['cells']} | {_pct(s['mean_layers_saved'])} ± {_pct(s['mean_layers_saved_se'])} | "
+                     f"{_pct(s['mean_continuation_share'])} | "
                      f"{s['mean_delta_points']:+.1f} ± {s['mean_delta_se_points']:.1f} | {s['worst_delta_points']:+.1f} | "
                      f"{s['cells_within_1pt']} | {s['cells_saving_15pct_within_1pt']} |"
                      + (f" {'-' if s['cells_passed'] is None else s['cells_passed']} |" if passed else ""))
@@ -161,7 +167,8 @@ def plot(result: dict, path: Path) -> None:
     nrows = math.ceil(len(cells) / cols)
     height = 3.4 * nrows + 1.0  # + legend and title
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, height), squeeze=False)
-    colors = dict(zip(STUDY_POLICIES, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:brown")))
+    colors = dict(zip(STUDY_POLICIES, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:brown", "tab:pink",
+                                       "tab:olive", "tab:cyan")))
     markers = {"intra": "o", "inter-task": "s", "inter-model": "^"}
     for ax, (model, task) in zip(axes.flat, cells):
         mine = [r for r in rows if r["model"] == model and f"{r['task']}@{r['shots']}" == task]
@@ -190,7 +197,7 @@ def plot(result: dict, path: Path) -> None:
                Line2D([], [], color="purple", marker="D", linestyle="", label="oracle"),
                Line2D([], [], color="grey", marker="o", markerfacecolor="none", linestyle="", label="hollow: agreement point"),
                Line2D([], [], color="grey", linestyle=":", label="chance")]
-    fig.legend(handles=legend, loc="lower center", ncol=7, fontsize=8)
+    fig.legend(handles=legend, loc="lower center", ncol=8, fontsize=8)
     fig.suptitle("accuracy vs layers saved on the test documents; markers: calibrated operating points; "
                  "lines: each intra-task policy swept on the test documents (hindsight)", fontsize=9)
     fig.tight_layout(rect=(0, 0.75 / height, 1, 1 - 0.35 / height))
@@ -223,7 +230,8 @@ def _rounded(x):  # 6 significant digits are plenty for a report; keeps the file
 
 
 CSV_FIELDS = ["model", "task", "shots", "layers", "n_test", "chance", "at_chance", "full_acc", "policy", "setting", "criterion",
-              "acc", "acc_se", "delta_points", "delta_se_points", "mean_exit_layer", "layers_saved", "layers_saved_se", "agreement",
+              "acc", "acc_se", "delta_points", "delta_se_points", "mean_exit_layer", "layers_saved", "layers_saved_se",
+              "continuation_layers", "continuation_share", "agreement",
               "trained_model", "trained_on", "n_train", "threshold", "min_layer", "calibration_docs", "calibration_changed",
               "changed_upper_bound", "passed"]
 

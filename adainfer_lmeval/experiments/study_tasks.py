@@ -22,7 +22,7 @@ from adainfer_lmeval.errors import AdaInferError
 TRAIN_TASKS = {
     "arc_easy": "arc_easy_train", "arc_challenge": "arc_challenge_train", "boolq": "boolq_train",
     "commonsense_qa": "commonsense_qa_train", "openbookqa": "openbookqa_train", "piqa": "piqa_train",
-    "hellaswag": "hellaswag_train",
+    "hellaswag": "hellaswag_train", "mmlu": "mmlu_dev_val",  # MMLU: its dev + validation questions (tasks/mmlu_dev_val)
 }
 SPLIT_ON_VALIDATION = ("sst2",)  # no train split offline: split the evaluated set in two halves
 ROLES = ("train", "test")
@@ -116,16 +116,22 @@ def _needs_collecting(path: Path, n_docs: int, seed: int, log) -> bool:
     return True
 
 
-def collect_all(models: dict[str, int], tasks: list[StudyTask], root: Path, seed: int = 0, log=print) -> None:
-    """Collect every (model, task, role) file that is missing or stale (one model load per model)."""
+def collect_all(models: dict[str, int], tasks: list[StudyTask], root: Path, seed: int = 0, log=print,
+                continuation: bool = True) -> None:
+    """Collect every (model, task, role) file that is missing or stale (one model load per model)
+    and, with ``continuation``, the continuation read-out beside each that lacks a current one."""
     from adainfer_lmeval.adapter.backend import AdaInferLM
-    from adainfer_lmeval.experiments.collect import collect
+    from adainfer_lmeval.experiments.collect import collect, read_metadata
+    from adainfer_lmeval.experiments.collect_continuation import collect_continuation, continuation_is_current, continuation_path
 
     for model, model_docs in models.items():
-        todo = [(task, role, collection_path(root, model, task, role), task.n_docs(model_docs))
-                for task in tasks for role in ROLES]
-        todo = [item for item in todo if _needs_collecting(item[2], item[3], seed, log)]
-        if not todo:
+        every = [(task, role, collection_path(root, model, task, role), task.n_docs(model_docs))
+                 for task in tasks for role in ROLES]
+        todo = [item for item in every if _needs_collecting(item[2], item[3], seed, log)]
+        stale = {item[2] for item in todo}
+        readouts = [path for _, _, path, _ in every if continuation
+                    and (path in stale or not continuation_is_current(continuation_path(path), read_metadata(path)))]
+        if not todo and not readouts:
             continue
         lm = AdaInferLM(pretrained=model, policy="full", batch_size=1, device="cpu")
         for task, role, path, n_docs in todo:
@@ -139,12 +145,18 @@ def collect_all(models: dict[str, int], tasks: list[StudyTask], root: Path, seed
             )
             log(f"  collected {model} {task.label} {role}: {sum(p['docs'] for p in meta['parts'])} docs "
                 f"from {task.source(role)} in {time.time() - t0:.0f}s -> {path}")
+        for path in readouts:
+            written = collect_continuation(lm, path)
+            log(f"  collected the continuation read-out of {path}: {written['docs']} docs in {written['seconds']:.0f}s "
+                f"({written['seconds_per_doc']:.2f}s per document) -> {continuation_path(path)}")
         del lm
 
 
 def load_collections(root: Path, models: list[str], tasks: list[StudyTask]) -> dict:
-    """{(model, task label, role): training_data.Data} for every collected file."""
-    from adainfer_lmeval.experiments.training_data import load_data
+    """{(model, task label, role): training_data.Data} for every collected file, with its
+    continuation read-out where one was collected for it."""
+    from adainfer_lmeval.experiments.collect_continuation import continuation_is_current, continuation_path
+    from adainfer_lmeval.experiments.training_data import load_data, with_continuation
 
     out = {}
     for model in models:
@@ -153,7 +165,10 @@ def load_collections(root: Path, models: list[str], tasks: list[StudyTask]) -> d
                 path = collection_path(root, model, task, role)
                 if not path.exists():
                     raise AdaInferError(f"{path} is missing: run the study without --skip-collect (or with --collect-only) first")
-                out[(model, task.label, role)] = load_data(path)
+                data = load_data(path)
+                if continuation_is_current(continuation_path(path), data.meta):
+                    data = with_continuation(data, path)
+                out[(model, task.label, role)] = data
     return out
 
 

@@ -16,24 +16,47 @@ Labels (per document and layer l = 1..L-1; layer L is never a decision), :func:`
 layer, what lm-eval's ``acc`` scores if the request exits there), ``token`` (the
 full-vocabulary top-1 token at the decision position; target: the gold option's first token,
 or the full-depth top-1 token), or ``both``.
+
+A collection's SimLens continuation read-out (:mod:`.collect_continuation`), where it was
+collected, comes with it as :class:`ContinuationReadout` (:func:`with_continuation`).
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from adainfer_lmeval.core.features import FEATURE_NAMES, SIGNALS, SignalInputs, compute_signals, option_signals
+from adainfer_lmeval.core.options import option_margin, option_probs
 from adainfer_lmeval.errors import AdaInferError
 
 #: the core's signals over the answer options, derived from the collected option logits
 OPTION_SIGNALS = tuple(option_signals(tuple(SIGNALS)))
 LABEL_MODES = ("gold", "final")
 PREDICTIONS = ("option", "token", "both")
+
+
+@dataclass
+class ContinuationReadout:
+    """Per document: what the SimLens continuation from each layer reads, answers and costs."""
+
+    margin: np.ndarray  # [N, L] the continuation_margin signal (the options' margin at the continuation's last layer)
+    choice: np.ndarray  # [N, L] the continuation's answer (argmax of its options' summed loglikelihoods)
+    check_tokens: np.ndarray  # [N] tokens one check carries per remaining layer
+    exit_tokens: np.ndarray  # [N] tokens the exit answer carries per remaining layer (every computed row)
+    reused_tokens: np.ndarray  # [N] of those, what a simlens check at the exit layer already carried
+    row_tokens: np.ndarray  # [N] the group's computed rows' tokens: one layer over the document
+
+    def subset(self, idx) -> "ContinuationReadout":
+        return ContinuationReadout(*(getattr(self, f.name)[idx] for f in fields(self)))
+
+    @classmethod
+    def concat(cls, readouts: list["ContinuationReadout"]) -> "ContinuationReadout":
+        return cls(*(np.concatenate([getattr(r, f.name) for r in readouts]) for f in fields(cls)))
 
 
 @dataclass
@@ -49,6 +72,7 @@ class Data:
     n_options: np.ndarray
     meta: dict
     feature_names: tuple[str, ...] = field(default=FEATURE_NAMES)
+    continuation: ContinuationReadout | None = None  # where the continuation read-out was collected
 
     @property
     def num_layers(self) -> int:
@@ -66,11 +90,13 @@ class Data:
         pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
         return replace(self, feats=self.feats[idx], top1=self.top1[idx], choice=self.choice[idx], gold=self.gold[idx],
                        gold_token=self.gold_token[idx], keys=pick(self.keys), source=pick(self.source),
-                       shots=self.shots[idx], n_options=self.n_options[idx])
+                       shots=self.shots[idx], n_options=self.n_options[idx],
+                       continuation=None if self.continuation is None else self.continuation.subset(idx))
 
     @classmethod
     def concat(cls, datas: list["Data"]) -> "Data":
-        """One Data of several of the same model and signals (the first one's metadata)."""
+        """One Data of several of the same model and signals (the first one's metadata), with the
+        continuation read-out where every one has it."""
         first = datas[0]
         if len({d.num_layers for d in datas}) != 1:
             raise AdaInferError("cannot pool collections of models with different depths")
@@ -79,16 +105,13 @@ class Data:
         cat = lambda name: np.concatenate([getattr(d, name) for d in datas])  # noqa: E731
         return replace(first, feats=cat("feats"), top1=cat("top1"), choice=cat("choice"), gold=cat("gold"),
                        gold_token=cat("gold_token"), keys=[k for d in datas for k in d.keys],
-                       source=[s for d in datas for s in d.source], shots=cat("shots"), n_options=cat("n_options"))
+                       source=[s for d in datas for s in d.source], shots=cat("shots"), n_options=cat("n_options"),
+                       continuation=(None if any(d.continuation is None for d in datas)
+                                     else ContinuationReadout.concat([d.continuation for d in datas])))
 
 
-def option_signal_columns(option_logits: list[list[list[float]]]) -> np.ndarray:
-    """[N, L, len(OPTION_SIGNALS)] from, per example and layer, the options' logits at the margin
-    position, computed by the engine's own signal functions one layer at a time.
-
-    The change signals compare layer l with layer l - 1 (NaN at layer 1): the engine's "previous
-    consulted layer" whenever the policy consults every layer from its first decision's
-    predecessor on (:class:`~adainfer_lmeval.policies.learned.base.LearnedPolicy` does)."""
+def _padded_option_logits(option_logits: list[list[list[float]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, L, K] logits (K: the most options) and [N, K] which options are real."""
     n = len(option_logits)
     layers = len(option_logits[0]) if n else 0
     width = max((len(per_layer[0]) for per_layer in option_logits), default=1)
@@ -99,6 +122,18 @@ def option_signal_columns(option_logits: list[list[list[float]]]) -> np.ndarray:
             raise AdaInferError(f"example {i} has option logits for {len(per_layer)} layers, the first {layers}")
         logits[i, :, : len(per_layer[0])] = torch.tensor(per_layer, dtype=torch.float32)
         valid[i, : len(per_layer[0])] = True
+    return logits, valid
+
+
+def option_signal_columns(option_logits: list[list[list[float]]]) -> np.ndarray:
+    """[N, L, len(OPTION_SIGNALS)] from, per example and layer, the options' logits at the margin
+    position, computed by the engine's own signal functions one layer at a time.
+
+    The change signals compare layer l with layer l - 1 (NaN at layer 1): the engine's "previous
+    consulted layer" whenever the policy consults every layer from its first decision's
+    predecessor on (:class:`~adainfer_lmeval.policies.learned.base.LearnedPolicy` does)."""
+    logits, valid = _padded_option_logits(option_logits)
+    n, layers, width = logits.shape
     out = torch.empty(n, layers, len(OPTION_SIGNALS), dtype=torch.float64)
     previous = torch.zeros(n, width)
     for layer in range(1, layers + 1):
@@ -124,6 +159,27 @@ def load_data(path: Path) -> Data:
         shots=np.array(cols["num_fewshot"]), n_options=np.array(cols["n_options"]), meta=meta,
         feature_names=FEATURE_NAMES + OPTION_SIGNALS,
     )
+
+
+def continuation_readout(cols: dict) -> ContinuationReadout:
+    """The read-out of a continuation file's columns (:func:`.collect_continuation.read_continuation`):
+    the margin by the core's own option functions, as the ``continuation_margin`` signal computes it."""
+    logits, valid = _padded_option_logits(cols["continuation_option_logits"])
+    margin = torch.stack([option_margin(option_probs(logits[:, layer], valid), valid) for layer in range(logits.shape[1])], 1)
+    choice = np.array([[max(range(len(ll)), key=ll.__getitem__) for ll in per_layer]
+                       for per_layer in cols["continuation_option_ll"]])
+    tokens = {name: np.array(cols[name], dtype=np.float64)
+              for name in ("check_tokens", "exit_tokens", "reused_tokens", "row_tokens")}
+    return ContinuationReadout(margin.double().numpy(), choice, **tokens)
+
+
+def with_continuation(data: Data, collection: Path) -> Data:
+    """``data`` (loaded from ``collection``) with the continuation read-out beside it."""
+    from adainfer_lmeval.experiments.collect_continuation import continuation_path, read_continuation
+
+    keys = [(key.rsplit(":", 1)[0], int(key.rsplit(":", 1)[1]), int(shots)) for key, shots in zip(data.keys, data.shots)]
+    cols = read_continuation(continuation_path(collection), data.meta, keys)
+    return replace(data, continuation=continuation_readout(cols))
 
 
 def make_labels(data: Data, mode: str, prediction: str) -> np.ndarray:

@@ -1,5 +1,5 @@
 """Policies that need no training: full depth, a static exit layer, a confidence threshold, an
-answer-option margin."""
+answer-option margin, and the answer-option margin read off the SimLens continuation."""
 
 from __future__ import annotations
 
@@ -113,3 +113,29 @@ class OptionMargin(ExitPolicy):
 
     def describe(self) -> dict:
         return {"name": self.name, "margin": self.margin, "min_layer": self.min_layer}
+
+
+@register_policy("simlens")
+class ContinuationMargin(OptionMargin):
+    """Stop at the first layer (>= min_layer) where the options' margin read off the continuation
+    reaches τ, and read the answer off the continuation too (SimLens, Ma et al., 2025).
+
+    At a consulted layer the group's speaker, its token 0 and positions decision..margin, is
+    carried through the remaining layers alone (:mod:`adainfer_lmeval.core.continuation`); the
+    margin is that of ``policy=margin``, at the carried margin position. A stopping group's rows
+    carry their scored positions the same way, and their log-likelihoods come from those last-layer
+    states. Loglikelihood only; a group with one option never stops.
+    """
+
+    params = {
+        "margin": (float, "stop when the continuation's top option probability minus the second's >= margin (default 0.9)"),
+        "min_layer": (int, "first layer that may exit (default 1)"),
+    }
+    features = ("continuation_margin",)
+    exit_readout = "continuation"
+
+    def __init__(self, margin: float = 0.9, min_layer: int = 1):
+        super().__init__(margin, min_layer)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "exit_readout": self.exit_readout}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from adainfer_lmeval.core.continuation import carry
 from adainfer_lmeval.core.features import SignalInputs, compute_features, compute_signals
 from adainfer_lmeval.experiments.bench.requests import encoded
 from adainfer_lmeval.experiments.bench.timing import median_seconds
@@ -14,9 +15,11 @@ from adainfer_lmeval.experiments.bench.variants import DEFAULT_CHECK_VOCAB
 def decision_cost(stack, costs, tokens: int = 128, min_run_time: float = 1.0, batch_rows: int = 16,
                   check_vocab: int = DEFAULT_CHECK_VOCAB, options: int = 4) -> dict:
     """One exit decision (norm + head + p1/gap features at one position) vs one layer at ``tokens``,
-    a pruned decision (K head rows) and an answer-option margin decision (``options`` head rows:
-    what ``policy=margin`` runs). A pick from head clusters is timed by :func:`picker_recall` on
-    real states: its cost depends on the state.
+    a pruned decision (K head rows), an answer-option margin decision (``options`` head rows:
+    what ``policy=margin`` runs) and a SimLens decision at the middle layer (``policy=simlens``:
+    token 0 and the decision position carried through the remaining layers, then the options'
+    head rows; it costs more the earlier it runs). A pick from head clusters is timed by
+    :func:`picker_recall` on real states: its cost depends on the state.
     """
     g = torch.Generator().manual_seed(0)
     device = stack.head.weight.device
@@ -47,7 +50,14 @@ def decision_cost(stack, costs, tokens: int = 128, min_run_time: float = 1.0, ba
         return compute_signals(("margin",), SignalInputs(middle, stack.num_layers, 1, device, option_logits=logits,
                                                          option_valid=option_valid))
 
+    def decide_simlens(states):  # policy=simlens: carry token 0 and the decision position on, then the margin
+        carried = carry(stack, middle, states, [tokens - 1], [tokens - 1])
+        logits = stack.exit_logits_over(carried.at(torch.zeros(1, dtype=torch.long, device=device)), option_tokens)
+        return compute_signals(("continuation_margin",), SignalInputs(
+            middle, stack.num_layers, 1, device, continuation_option_logits=logits, option_valid=option_valid))
+
     layer_s = median_seconds(lambda: stack.run_layer(middle, hidden, inputs), min_run_time)
+    simlens_s = median_seconds(lambda: decide_simlens(hidden), min_run_time)
     margin_s = median_seconds(lambda: decide_margin(state1), min_run_time)
     decide1_s = median_seconds(lambda: decide(state1), min_run_time)
     decide_b_s = median_seconds(lambda: decide(state_b), min_run_time)
@@ -60,6 +70,10 @@ def decision_cost(stack, costs, tokens: int = 128, min_run_time: float = 1.0, ba
         "options": options,
         "margin_decision_ms": 1000 * margin_s,
         "margin_decision_pct_of_layer": 100 * margin_s / layer_s,
+        "simlens_layer": middle,
+        "simlens_decision_ms": 1000 * simlens_s,
+        "simlens_decision_pct_of_layer": 100 * simlens_s / layer_s,
+        "simlens_flops_pct_of_layer": 100 * (stack.num_layers - middle) * costs.layer_flops(2) / costs.layer_flops(tokens),
         "tokens": tokens,
         "layer_ms": 1000 * layer_s,
         "decision_ms": 1000 * decide1_s,

@@ -38,22 +38,27 @@ def format_tables(results: list[dict]) -> str:
                         f"{d['decision_pct_of_layer']:.1f}", f"{d['decision_16rows_ms']:.2f}",
                         f"{d['decision_16rows_pct_of_layer']:.1f}", f"{d['flops_pct_of_layer']:.1f}",
                         f"{d.get('pruned_decision_ms', float('nan')):.3f}", f"{d.get('pruned_decision_pct_of_layer', float('nan')):.2f}",
-                        f"{d.get('margin_decision_ms', float('nan')):.3f}", f"{d.get('margin_decision_pct_of_layer', float('nan')):.2f}"])
+                        f"{d.get('margin_decision_ms', float('nan')):.3f}", f"{d.get('margin_decision_pct_of_layer', float('nan')):.2f}",
+                        f"{d.get('simlens_decision_ms', float('nan')):.2f}", f"{d.get('simlens_decision_pct_of_layer', float('nan')):.1f}",
+                        f"{d.get('simlens_flops_pct_of_layer', float('nan')):.1f}"])
     dec_table = tabulate(dec, headers=["model", "tokens", "layer ms (batch 1)", "decision ms (1 pos)",
                                        "decision % of layer", "decision ms (16 pos)", "16-pos % of layer",
                                        "FLOPs % of layer", "pruned decision ms (K tokens)", "pruned % of layer",
-                                       "margin decision ms (4 options)", "margin % of layer"],
+                                       "margin decision ms (4 options)", "margin % of layer",
+                                       "simlens decision ms (from layer L/2)", "simlens % of layer", "simlens FLOPs % of layer"],
                          tablefmt="github")
     br = []
     for res in results:
         for key, b in (res.get("breakdown") or {}).items():
             p = b["percent"]
-            br.append([res["model"], key, f"{b['total_s']:.2f}"] + [f"{p[k]:.1f}" for k in
-                      ("layers", "check_head", "check_features", "emit", "layer_inputs", "embed", "engine_other",
-                       "backend_other")] + [b["calls"]["checks"]])
+            # p.get: runs recorded before the continuation stages existed have no such keys
+            br.append([res["model"], key, f"{b['total_s']:.2f}"] + [f"{p.get(k, 0.0):.1f}" for k in
+                      ("layers", "check_head", "check_features", "check_continuation", "exit_continuation", "emit",
+                       "layer_inputs", "embed", "engine_other", "backend_other")] + [b["calls"]["checks"]])
     br_table = tabulate(br, headers=["model", "variant@batch", "total s", "layers %", "check head %",
-                                     "check softmax+top2 %", "emit head %", "masks/rope %", "embed %",
-                                     "engine other %", "backend other %", "check calls"], tablefmt="github")
+                                     "check softmax+top2 %", "check continuation %", "exit continuation %",
+                                     "emit head %", "masks/rope %", "embed %", "engine other %", "backend other %",
+                                     "check calls"], tablefmt="github")
     rec = []
     for res in results:
         r, d = res.get("picker_recall"), res.get("decision_cost") or {}

@@ -12,7 +12,8 @@ from adainfer_lmeval.experiments.bench.timing import (ideal_speedup, mean_layers
 from adainfer_lmeval.experiments.bench.variants import (DEFAULT_CHECK_VOCAB, Variant, exit_records, make_backend,
                                                         score, without_check_args)
 
-STAGES = ("layers", "check_head", "check_features", "emit", "layer_inputs", "embed")  # see adainfer_lmeval/core/stages.py
+STAGES = ("layers", "check_head", "check_features", "check_continuation", "exit_continuation", "emit", "layer_inputs",
+          "embed")  # see adainfer_lmeval/core/stages.py
 
 
 def breakdown(lm, requests) -> dict:

@@ -10,7 +10,8 @@ DEFAULT_THRESHOLDS = {
     "qwen2.5-coder-0.5b": {"gap": 0.6, "min_layer": 22},
 }
 #: The answer-option margin operating point per model: the threshold's first layer and a margin of
-#: 0.9, for timing what policy=margin costs (not calibrated for accuracy; the study calibrates it).
+#: 0.9, for timing what policy=margin and policy=simlens cost (not calibrated for accuracy; the
+#: study calibrates them).
 DEFAULT_MARGINS = {
     "smollm2-135m": {"margin": 0.9, "min_layer": 20},
     "qwen2.5-coder-0.5b": {"margin": 0.9, "min_layer": 22},
@@ -58,6 +59,8 @@ def variants_for(model_name: str, threshold: dict | None = None, svm: bool = Tru
         out.extend(Variant("threshold", {**threshold, **args}) for args in cheap)
     if model_name in DEFAULT_MARGINS:  # one head row per option: no cheap-check variant to add
         out.append(Variant("margin", dict(DEFAULT_MARGINS[model_name])))
+        # the same point read off the SimLens continuation: its checks carry two tokens on
+        out.append(Variant("simlens", dict(DEFAULT_MARGINS[model_name])))
     if svm:
         try:
             from adainfer_lmeval.policies import learned  # noqa: F401  (registers policy=svm)

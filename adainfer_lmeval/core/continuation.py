@@ -1,0 +1,61 @@
+"""The continuation read-out (SimLens): a few tokens carried through the remaining layers alone.
+
+At layer l the lens reads a row's answer off its layer-l state through the final norm and head.
+SimLens (Ma et al., 2025, arXiv 2507.17618) instead takes the start token and the answer
+position out of the prompt and runs just them through layers l+1..L: the rest of the prompt
+has already been read into their states, and the upper layers still get to turn them into the
+last layer's answer. Here the carried tokens of a row are its first token (position 0, the
+global condition the paper's ablation finds the answer needs) and the span ``first..last`` of
+positions whose predictions the caller reads: the decision position for a single-token answer,
+up to the margin position when the options share a first token, or every scored position
+when the exit answer's log-likelihoods come from the continuation.
+
+Rows carry spans of different lengths; a shorter row is right-padded with copies of its last
+token, which causal attention keeps from changing any real one (a padded copy only sees what
+is before it). A row is charged its own carried tokens × remaining layers, padding not
+counted (as the engine's layer FLOPs count a row's real tokens), so a row's cost does not
+depend on what it was batched with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Continuation:
+    """The last-layer states of the carried tokens of ``rows`` rows."""
+
+    states: torch.Tensor  # [rows, q, d] at layer num_layers
+    offsets: torch.Tensor  # [rows]: index along q of each row's position ``first``
+    token_layers: list[int]  # per row: its carried tokens (padding not counted) × layers run
+
+    def at(self, steps: torch.Tensor) -> torch.Tensor:
+        """States [rows, d] at ``first + steps`` (``steps`` [rows], 0 = the position ``first``)."""
+        index = self.offsets + steps
+        return self.states[torch.arange(len(index), device=index.device), index]
+
+    def span(self, row: int, length: int) -> torch.Tensor:
+        """Row ``row``'s states [length, d] at positions ``first .. first+length-1``."""
+        start = int(self.offsets[row])
+        return self.states[row, start : start + length]
+
+
+def carry(stack, layer: int, hidden: torch.Tensor, first: list[int], last: list[int]) -> Continuation:
+    """Carry each row's token 0 and its positions ``first[i]..last[i]`` (inclusive) of ``hidden``
+    [rows, T, d] (layer ``layer``'s states) through layers ``layer+1..L`` (:meth:`DecoderStack.continue_from`).
+
+    ``first``/``last`` are Python ints (host lists): the carried positions are built on the host
+    so that no device value is read per row.
+    """
+    positions = [([0] if lo > 0 else []) + list(range(lo, hi + 1)) for lo, hi in zip(first, last)]
+    width = max(len(p) for p in positions)
+    padded = [p + [p[-1]] * (width - len(p)) for p in positions]
+    index = torch.tensor(padded, dtype=torch.long, device=hidden.device)
+    carried = torch.gather(hidden, 1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    states = stack.continue_from(layer, carried, index)
+    offsets = torch.tensor([1 if lo > 0 else 0 for lo in first], dtype=torch.long, device=hidden.device)
+    remaining = stack.num_layers - layer
+    return Continuation(states, offsets, [len(p) * remaining for p in positions])
