@@ -30,7 +30,13 @@ class Continuation:
 
     states: torch.Tensor  # [rows, q, d] at layer num_layers
     offsets: torch.Tensor  # [rows]: index along q of each row's position ``first``
-    token_layers: list[int]  # per row: its carried tokens (padding not counted) × layers run
+    tokens: list[int]  # per row: its carried tokens (padding not counted)
+    layers_run: int  # the remaining layers every row was carried through
+
+    @property
+    def token_layers(self) -> list[int]:
+        """Per row: carried tokens × layers run (what the accounting prices)."""
+        return [t * self.layers_run for t in self.tokens]
 
     def at(self, steps: torch.Tensor) -> torch.Tensor:
         """States [rows, d] at ``first + steps`` (``steps`` [rows], 0 = the position ``first``)."""
@@ -57,5 +63,4 @@ def carry(stack, layer: int, hidden: torch.Tensor, first: list[int], last: list[
     carried = torch.gather(hidden, 1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
     states = stack.continue_from(layer, carried, index)
     offsets = torch.tensor([1 if lo > 0 else 0 for lo in first], dtype=torch.long, device=hidden.device)
-    remaining = stack.num_layers - layer
-    return Continuation(states, offsets, [len(p) * remaining for p in positions])
+    return Continuation(states, offsets, [len(p) for p in positions], stack.num_layers - layer)

@@ -286,7 +286,7 @@ class EarlyExitEngine:
             for k, (_, r) in enumerate(todo):
                 scored[r] = states.span(k, spans[r][1] - spans[r][0])
                 token_layers[r] = states.token_layers[k]
-                carried_tokens[r] = states.token_layers[k] // (self.stack.num_layers - layer)
+                carried_tokens[r] = states.tokens[k]
         for r in rows:
             exit_layers[r] = layer
             if r in reused:

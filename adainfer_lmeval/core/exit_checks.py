@@ -190,7 +190,7 @@ class ExitChecks:
         steps = torch.tensor(speakers.margin_offsets, dtype=torch.long, device=carried.offsets.device)
         speakers.states = carried.at(steps)
         speakers.token_layers = carried.token_layers
-        speakers.tokens = [t // (self.stack.num_layers - layer) for t in carried.token_layers]
+        speakers.tokens = carried.tokens
         tokens, valid = self.options.tokens[slots], self.options.valid[slots]
         with stage("check_head", len(last)):
             inputs.continuation_option_logits = self.stack.exit_logits_over(speakers.states, tokens)
