@@ -82,3 +82,21 @@ def test_carry_pads_without_changing_a_row(tiny_models, arch):
     torch.testing.assert_close(both.span(0, 5), manual[0, 1:])
     torch.testing.assert_close(both.at(torch.tensor([4, 0])), torch.stack([manual[0, 5], alone[1].span(0, 1)[0]]))
     assert both.token_layers == [6 * 2, 2 * 2]  # carried tokens (padding not counted) x 2 remaining layers
+
+
+def test_carry_of_chosen_rows_is_the_carry_of_those_rows_alone(tiny_models):
+    """``rows=`` carries some rows of a batch's states (what the engine passes for its speakers
+    and its stopping rows) as carrying those rows sliced out would, in the order given."""
+    from adainfer_lmeval.core.continuation import carry
+
+    stack = DecoderStack(tiny_models["llama"])
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(4, stack.vocab_size, (3, 10), generator=g)
+    with torch.no_grad():
+        hidden = tiny_models["llama"](ids, output_hidden_states=True).hidden_states[1]
+        chosen = carry(stack, 1, hidden, first=[6, 3], last=[8, 3], rows=torch.tensor([2, 0]))
+        sliced = carry(stack, 1, hidden[[2, 0]], first=[6, 3], last=[8, 3])
+    torch.testing.assert_close(chosen.states, sliced.states)
+    assert chosen.tokens == sliced.tokens == [4, 2]
+    # and the rows were not all the same (the test would pass for any row order otherwise)
+    assert not torch.allclose(chosen.span(0, 1), carry(stack, 1, hidden[[0]], first=[6], last=[8]).span(0, 1))

@@ -22,7 +22,11 @@ from adainfer_lmeval.policies import files as policy_files
 from adainfer_lmeval.policies import ModelIdentity, build_policy
 
 SHIPPED = shipped_dir("policies")
-MODELS = sorted(p.parent.name for p in SHIPPED.glob("*/crf.json"))
+# Files written before the option signals (paper's features, agreement criterion): they must
+# keep loading and deciding as they did.
+BEFORE_OPTION_SIGNALS = Path(__file__).parent / "fixtures" / "policies_paper_features"
+FOLDERS = sorted(p.parent for p in [*SHIPPED.glob("*/crf.json"), *BEFORE_OPTION_SIGNALS.glob("*/crf.json")])
+FOLDER_IDS = [f"{f.parent.name}/{f.name}" for f in FOLDERS]
 
 
 def random_features(meta: dict, rows: int, layers: int, seed: int) -> torch.Tensor:
@@ -56,9 +60,9 @@ def old_svm_scores(meta: dict, x: torch.Tensor) -> torch.Tensor:
     return (x.double() - mean) / scale @ coef + float(meta["intercept"])
 
 
-@pytest.mark.parametrize("model", MODELS)
-def test_forward_marginals_equal_crfsuite_on_shipped_crfs(model):
-    path = SHIPPED / model / "crf.json"
+@pytest.mark.parametrize("folder", FOLDERS, ids=FOLDER_IDS)
+def test_forward_marginals_equal_crfsuite_on_shipped_crfs(folder):
+    path = folder / "crf.json"
     kind, meta = read_policy(path)
     crf = kind.from_dict(meta, path)
     x = random_features(meta, rows=6, layers=meta["model"]["num_layers"] - 1, seed=1)
@@ -117,9 +121,9 @@ def old_exits(kind: str, meta: dict, path: Path, x: torch.Tensor, num_layers: in
 
 
 @pytest.mark.parametrize("kind", ["svm", "crf"])
-@pytest.mark.parametrize("model", MODELS)
-def test_shipped_policies_decide_as_before(model, kind):
-    path = SHIPPED / model / f"{kind}.json"
+@pytest.mark.parametrize("folder", FOLDERS, ids=FOLDER_IDS)
+def test_shipped_policies_decide_as_before(folder, kind):
+    path = folder / f"{kind}.json"
     meta = read_policy(path)[1]
     num_layers = meta["model"]["num_layers"]
     identity = ModelIdentity(**{k: meta["model"][k] for k in ("name", "model_type", "num_layers", "hidden_size",
@@ -146,9 +150,8 @@ def old_scores_at_min_layer(kind, meta, path, x):
 
 def test_decide_builds_no_tensors_from_lists(monkeypatch):
     """Scoring tensors are built at the first use on a device, then reused at every layer."""
-    model = MODELS[0]
     for kind in ("svm", "crf"):
-        path = SHIPPED / model / f"{kind}.json"
+        path = FOLDERS[0] / f"{kind}.json"
         meta = read_policy(path)[1]
         policy = build_policy(kind, {"path": str(path), "min_layer": 1})
         num_layers = meta["model"]["num_layers"]

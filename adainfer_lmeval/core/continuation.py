@@ -49,18 +49,30 @@ class Continuation:
         return self.states[row, start : start + length]
 
 
-def carry(stack, layer: int, hidden: torch.Tensor, first: list[int], last: list[int]) -> Continuation:
-    """Carry each row's token 0 and its positions ``first[i]..last[i]`` (inclusive) of ``hidden``
-    [rows, T, d] (layer ``layer``'s states) through layers ``layer+1..L`` (:meth:`DecoderStack.continue_from`).
-
-    ``first``/``last`` are Python ints (host lists): the carried positions are built on the host
-    so that no device value is read per row.
-    """
+def carried_positions(first: list[int], last: list[int]) -> tuple[list[list[int]], list[int], list[int]]:
+    """What each row carries: token 0 and positions ``first[i]..last[i]`` (inclusive), as
+    (positions right-padded with copies of the last to one width, the index along them of
+    position ``first``, the row's real tokens)."""
     positions = [([0] if lo > 0 else []) + list(range(lo, hi + 1)) for lo, hi in zip(first, last)]
     width = max(len(p) for p in positions)
     padded = [p + [p[-1]] * (width - len(p)) for p in positions]
+    return padded, [1 if lo > 0 else 0 for lo in first], [len(p) for p in positions]
+
+
+def carry(stack, layer: int, hidden: torch.Tensor, first: list[int], last: list[int],
+          rows: torch.Tensor | None = None) -> Continuation:
+    """Carry token 0 and positions ``first[i]..last[i]`` (inclusive) of each row of ``hidden``
+    [batch, T, d] (layer ``layer``'s states; ``rows``: the rows to carry, default all) through
+    layers ``layer+1..L`` (:meth:`DecoderStack.continue_from`).
+
+    ``first``/``last`` are Python ints (host lists): the carried positions are built on the host
+    so that no device value is read per row. Only the carried tokens' states are gathered, not
+    the rows' whole prompts.
+    """
+    padded, offsets, tokens = carried_positions(first, last)
     index = torch.tensor(padded, dtype=torch.long, device=hidden.device)
-    carried = torch.gather(hidden, 1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-    states = stack.continue_from(layer, carried, index)
-    offsets = torch.tensor([1 if lo > 0 else 0 for lo in first], dtype=torch.long, device=hidden.device)
-    return Continuation(states, offsets, [len(p) for p in positions], stack.num_layers - layer)
+    if rows is None:
+        rows = torch.arange(len(padded), device=hidden.device)
+    states = stack.continue_from(layer, hidden[rows[:, None], index], index)
+    offsets = torch.tensor(offsets, dtype=torch.long, device=hidden.device)
+    return Continuation(states, offsets, tokens, stack.num_layers - layer)

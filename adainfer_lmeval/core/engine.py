@@ -178,7 +178,7 @@ class EarlyExitEngine:
             continuation = None
             if step.reads_continuation:
                 speakers = speaker_rows.tolist()
-                continuation = SpeakerContinuation(hidden[speaker_idx], [spans[r][0] for r in speakers],
+                continuation = SpeakerContinuation(hidden, speaker_idx, [spans[r][0] for r in speakers],
                                                    [margin_offsets[row_groups[r]] for r in speakers])
             stop, check_logits = step.decide(layer, state, speaker_groups, option_state, continuation)
             stopped = speaker_groups[stop]
@@ -192,8 +192,8 @@ class EarlyExitEngine:
                 if continuation is not None:
                     reused = {r: continuation.states[k : k + 1] for k, r in enumerate(speakers)
                               if spans[r][1] - spans[r][0] == 1 and margin_offsets[row_groups[r]] == 0}
-                self._emit_continued(hidden[leaving], active[leaving], layer, spans, exit_layers, logits_out,
-                                     reused, exit_token_layers, exit_carried_tokens)
+                self._emit_continued(hidden, torch.nonzero(leaving, as_tuple=True)[0], active[leaving], layer, spans,
+                                     exit_layers, logits_out, reused, exit_token_layers, exit_carried_tokens)
             else:
                 # A speaker scored at its decision position alone (single-token answers) already
                 # has its exit logits: the check computed them.
@@ -271,18 +271,20 @@ class EarlyExitEngine:
         scored = {r: hidden[i, spans[r][0] : spans[r][1]] for i, r in enumerate(rows) if r not in known}
         self._read_out(scored, logits_out)
 
-    def _emit_continued(self, hidden, rows, layer, spans, exit_layers, logits_out, reused, token_layers, carried_tokens):
-        """Exit logits of ``rows`` off the continuation from ``layer``: token 0 and the scored
-        positions of each row carried to the last layer (``reused``: a speaker's carried state
-        its check left), then one head call; counts each row's token-layers and carried tokens."""
+    def _emit_continued(self, hidden, hidden_idx, rows, layer, spans, exit_layers, logits_out, reused, token_layers,
+                        carried_tokens):
+        """Exit logits of batch rows ``rows`` (``hidden_idx``: their rows of ``hidden``) off the
+        continuation from ``layer``: token 0 and the scored positions of each row carried to the
+        last layer (``reused``: a speaker's carried state its check left), then one head call;
+        counts each row's token-layers and carried tokens."""
         rows = rows.tolist()
         todo = [(i, r) for i, r in enumerate(rows) if r not in reused]
         scored = {}
         if todo:
             with stage("exit_continuation", len(todo)):
-                index = torch.tensor([i for i, _ in todo], dtype=torch.long, device=hidden.device)
-                states = carry(self.stack, layer, hidden[index], [spans[r][0] for _, r in todo],
-                               [spans[r][1] - 1 for _, r in todo])
+                index = hidden_idx[torch.tensor([i for i, _ in todo], dtype=torch.long, device=hidden.device)]
+                states = carry(self.stack, layer, hidden, [spans[r][0] for _, r in todo],
+                               [spans[r][1] - 1 for _, r in todo], rows=index)
             for k, (_, r) in enumerate(todo):
                 scored[r] = states.span(k, spans[r][1] - spans[r][0])
                 token_layers[r] = states.token_layers[k]

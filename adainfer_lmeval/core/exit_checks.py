@@ -107,10 +107,11 @@ def _check_arg(name: str, value) -> int | None:
 @dataclass
 class SpeakerContinuation:
     """The speakers of one check, for the signals read off the continuation: this layer's
-    states of their rows and, as host ints, their decision positions and margin offsets. The
-    check fills in what it carried."""
+    states (their rows of the batch's) and, as host ints, their decision positions and margin
+    offsets. The check fills in what it carried."""
 
-    hidden: torch.Tensor  # [n, T, d]
+    hidden: torch.Tensor  # [rows, T, d]: the pass's states at this layer
+    rows: torch.Tensor  # [n]: the speakers' rows of ``hidden``
     decisions: list[int]
     margin_offsets: list[int]
     states: torch.Tensor | None = None  # [n, d] filled in: the last layer's states at the margin positions
@@ -186,7 +187,7 @@ class ExitChecks:
         position) and ``speakers``' carried states and counts; the head rows multiplied per row."""
         last = [d + m for d, m in zip(speakers.decisions, speakers.margin_offsets)]
         with stage("check_continuation", len(last)):
-            carried = carry(self.stack, layer, speakers.hidden, speakers.decisions, last)
+            carried = carry(self.stack, layer, speakers.hidden, speakers.decisions, last, rows=speakers.rows)
         steps = torch.tensor(speakers.margin_offsets, dtype=torch.long, device=carried.offsets.device)
         speakers.states = carried.at(steps)
         speakers.token_layers = carried.token_layers

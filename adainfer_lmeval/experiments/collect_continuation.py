@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from adainfer_lmeval.adapter import request_encoding
+from adainfer_lmeval.core.continuation import carried_positions
 from adainfer_lmeval.errors import AdaInferError
 from adainfer_lmeval.experiments.collect import Example, build_examples, examples_hash, load_tasks, read_collection
 from adainfer_lmeval.offline.pypi import package_versions
@@ -97,11 +98,9 @@ class Staircase:
     """
 
     def __init__(self, rows: list[int], first: list[int], last: list[int], device):
-        positions = [([0] if lo > 0 else []) + list(range(lo, hi + 1)) for lo, hi in zip(first, last)]
-        width = max(len(p) for p in positions)
+        padded, self.offsets, _ = carried_positions(first, last)  # offsets: where ``first`` sits along the carry
         self.rows = torch.tensor(rows, dtype=torch.long, device=device)
-        self.index = torch.tensor([p + [p[-1]] * (width - len(p)) for p in positions], dtype=torch.long, device=device)
-        self.offsets = [1 if lo > 0 else 0 for lo in first]  # where position ``first`` sits along the carry
+        self.index = torch.tensor(padded, dtype=torch.long, device=device)
         self.carried: torch.Tensor | None = None  # [blocks x rows, width, d]: block b started at layer b + 1
 
     def step(self, stack, layer: int, hidden: torch.Tensor) -> None:
