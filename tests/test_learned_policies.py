@@ -90,6 +90,19 @@ def test_files_are_small_json_and_load(trained):
     assert (paths["crf"].parent / "crf.crfsuite").read_bytes().startswith(b"lCRF")
 
 
+def test_a_file_at_the_never_exit_point_consults_nothing(trained):
+    """min_layer = L (what training writes when no point passes): no layer is consulted, the
+    CRF's chain included, so the run is full depth with no check paid for."""
+    _, paths, _ = trained
+    for kind, path in paths.items():
+        policy = build_policy(kind, {"path": str(path), "min_layer": L})
+        policy.bind(IDENTITY)
+        assert not any(policy.consults_at(layer, L) for layer in range(1, L + 1)), kind
+        reading = build_policy(kind, {"path": str(path), "min_layer": L - 1})
+        reading.bind(IDENTITY)
+        assert reading.consults_at(L - 1, L), kind  # one layer earlier it does read
+
+
 def test_policy_path_and_file_resolve(trained):
     _, paths, _ = trained
     assert isinstance(build_policy(str(paths["crf"]), {}), CrfKind.policy)  # policy=<path>.json
@@ -387,6 +400,9 @@ def test_too_few_documents_for_the_guarantee_keep_full_depth():
     assert not point["passed"] and point["calibration_changed"] == 0
     assert point["changed_upper_bound"] == pytest.approx(binomial_upper_bound(0, 100, PATH_CONFIDENCE), abs=1e-9)
     assert (cal.exit_layers(scores, point["threshold"], point["min_layer"]) == L).all()
+    assert point["min_layer"] == L and point["mean_checks"] == 0  # stops nowhere, so consults nothing
+    chain = cal.calibrate(data, scores, criterion="guarantee", max_changed=0.01, chain_start=1)
+    assert chain["min_layer"] == L and chain["mean_checks"] == 0  # a CRF's chain too
     assert "never exits" in tr._operating_point_line("svm", point)
 
 
@@ -506,7 +522,7 @@ def test_a_margin_file_holds_only_its_operating_point(tmp_path):
     never, point = margin_file(tmp_path / "never", data, criterion="guarantee")
     assert not point["passed"] and point["threshold"] == 1.0 and build_policy(str(never), {}).margin == 1.0
     row = policy_cli._row(never, json.loads(never.read_text()))
-    assert row[2] == "-" and row[7] == "thr=1 min_layer=5, none passed <=1% changed at 95% (n=80): never exits"
+    assert row[2] == "-" and row[7] == f"thr=1 min_layer={L}, none passed <=1% changed at 95% (n=80): never exits"
     _one_line_error(lambda: policy.bind(ModelIdentity("toy", "llama", L + 1, 32, 300)), "does not fit")
 
 

@@ -207,9 +207,9 @@ def hand_outcome(policy: str, data: Data, threshold: float, min_layer: int):
         score = {"simlens": c.margin[i], "margin_simlens": data.feats[i, :, -1], "simlens_static": np.ones(L)}[policy]
         exit_layer = next((layer for layer in range(min_layer, L) if score[layer - 1] >= threshold), L)
         tokens = 0.0
-        # a check at every consulted layer, up to and with the exit layer; a threshold no margin
-        # can reach (> 1) consults nothing: that point is full depth (the backend runs policy=full)
-        if policy == "simlens" and threshold <= 1.0:
+        # a check at every consulted layer, up to and with the exit layer (from min_layer = L,
+        # the never-exit point, none: the backend runs it as policy=full)
+        if policy == "simlens":
             tokens += sum(c.check_tokens[i] * (L - layer) for layer in range(min_layer, min(exit_layer, L - 1) + 1))
         if exit_layer < L:
             tokens += (c.exit_tokens[i] - (c.reused_tokens[i] if policy == "simlens" else 0)) * (L - exit_layer)
@@ -222,15 +222,16 @@ def hand_outcome(policy: str, data: Data, threshold: float, min_layer: int):
 @pytest.mark.parametrize("policy", sp.CONTINUATION_POLICIES)
 def test_document_outcomes_by_hand(policy):
     data = synthetic("sst2", 40, 7, 1)
-    for threshold, min_layer in ((0.5, 1), (0.65, 3), (0.85, 2), (2.0, 4)):
+    for threshold, min_layer in ((0.5, 1), (0.65, 3), (0.85, 2), (0.0, data.num_layers)):
         point = {"threshold": threshold, "min_layer": min_layer}
         outcome = sp.document_outcomes(policy, None, data, point)
         exits, answers, costs = hand_outcome(policy, data, threshold, min_layer)
         assert outcome.exits.tolist() == exits.tolist()
         assert outcome.answers.tolist() == answers.tolist()
         np.testing.assert_allclose(outcome.extra_layers, costs, rtol=1e-12)
-        if threshold > 1:  # no score reaches it: full depth, read as usual, nothing consulted
+        if min_layer == data.num_layers:  # even at threshold 0: full depth, read as usual, nothing consulted
             assert (outcome.exits == data.num_layers).all() and (outcome.answers == data.choice[:, -1]).all()
+            assert (outcome.extra_layers == 0).all()
 
 
 def test_calibration_compares_the_continuations_answers_and_counts_its_cost():
@@ -241,7 +242,7 @@ def test_calibration_compares_the_continuations_answers_and_counts_its_cost():
     data.continuation.choice[:] = data.choice[:, [L - 1]]
     scores = np.ones((60, L - 1))
     lens = calibrate(data, scores, criterion="agreement", tolerance=0.0)
-    assert lens["min_layer"] == L - 1 and lens["mean_exit_layer"] == L  # the lens never agrees: full depth
+    assert lens["min_layer"] == L and lens["mean_exit_layer"] == L  # the lens never agrees: the never-exit point
     cheap = calibrate(data, scores, criterion="agreement", tolerance=0.0, readout=sp.policy_readout("simlens_static", data))
     assert cheap["min_layer"] == 1 and cheap["changed_rate"] == 0.0
     expected = np.mean(data.continuation.exit_tokens / data.continuation.row_tokens) * (L - 1)

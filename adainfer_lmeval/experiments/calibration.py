@@ -22,6 +22,10 @@ the Bonferroni correction over a 30-layer model's 29 paths about 640.
 A document answered under several few-shot settings counts once, as changed if any of its
 answers changed (its rows are not independent draws).
 
+When no point passes, the never-exit point is written: ``min_layer`` = L, which a policy never
+reaches (layer L is never consulted), so it consults nothing and every input runs to full depth,
+whatever scores inputs outside the calibration set would have.
+
 Among the accepted points, the one with the fewest layers run wins; each consultation is
 charged ``check_cost`` decoder layers, so that of two points that exit alike the one that
 consults from a later layer wins.
@@ -82,15 +86,12 @@ class Readout:
 
     A consultation at layer l costs ``check_cost[:, l-1]``, the exit answer at l ``exit_cost[:, l-1]``
     (layer equivalents); a document pays for every consultation from ``min_layer`` up to its exit
-    (layer L is never consulted) and for its exit answer. A threshold above ``score_ceiling`` (the
-    most the policy's score can be) can never stop anyone: that point is full depth, which the
-    backend runs as ``policy=full``, consulting nothing.
+    (layer L is never consulted) and for its exit answer: from ``min_layer`` = L, nothing.
     """
 
     answers: np.ndarray  # [N, L]
     check_cost: np.ndarray  # [N, L-1]
     exit_cost: np.ndarray  # [N, L]
-    score_ceiling: float | None = None
 
     @classmethod
     def lens(cls, data) -> "Readout":
@@ -103,13 +104,12 @@ class Readout:
         """[N, L]: column l, the cost of consulting layers 1..l (column 0: none)."""
         return np.concatenate([np.zeros((len(self.check_cost), 1)), np.cumsum(self.check_cost, 1)], 1)
 
-    def outcome(self, exits: np.ndarray, min_layer: int, threshold: float | None = None) -> Outcome:
+    def outcome(self, exits: np.ndarray, min_layer: int) -> Outcome:
         rows = np.arange(len(exits))
-        if self.score_ceiling is not None and threshold is not None and threshold > self.score_ceiling:
-            return Outcome(exits, self.answers[rows, exits - 1], self.exit_cost[rows, exits - 1])  # no checks
         checked = self._checks_through
         last_check = np.minimum(exits, checked.shape[1] - 1)
-        extra = checked[rows, last_check] - checked[:, max(0, min_layer - 1)] + self.exit_cost[rows, exits - 1]
+        first = min(max(0, min_layer - 1), checked.shape[1] - 1)
+        extra = checked[rows, last_check] - checked[:, first] + self.exit_cost[rows, exits - 1]
         return Outcome(exits, self.answers[rows, exits - 1], extra)
 
 
@@ -122,12 +122,10 @@ def exit_layers(scores: np.ndarray, threshold: float, min_layer: int) -> np.ndar
     return np.where(stop.any(1), stop.argmax(1) + 1, m + 1)
 
 
-def evaluate(data, exits: np.ndarray, readout: Readout | None = None, min_layer: int = 1,
-             threshold: float | None = None) -> dict:
+def evaluate(data, exits: np.ndarray, readout: Readout | None = None, min_layer: int = 1) -> dict:
     """Accuracy, agreement with full depth and layers saved of ``data`` exiting at ``exits``, read
-    by ``readout`` (default: the lens) consulted from ``min_layer`` at ``threshold``: layers saved
-    count its cost."""
-    outcome = (Readout.lens(data) if readout is None else readout).outcome(exits, min_layer, threshold)
+    by ``readout`` (default: the lens) consulted from ``min_layer``: layers saved count its cost."""
+    outcome = (Readout.lens(data) if readout is None else readout).outcome(exits, min_layer)
     picked = outcome.answers
     L = data.num_layers
     return {
@@ -172,11 +170,12 @@ def calibrate(data, scores: np.ndarray, tolerance: float = 0.01, n_thresholds: i
     never = float(finite_scores.max() + 1.0) if finite_scores.size else 1.0
     if max_threshold is not None:
         never = min(never, max_threshold)
-    first_check = lambda m: m if chain_start is None else min(chain_start, m)  # noqa: E731
+    # A chain reads every layer from its start, but a policy that can stop nowhere reads none.
+    first_check = lambda m: m if chain_start is None or m >= L else min(chain_start, m)  # noqa: E731
     readout = Readout.lens(data) if readout is None else readout
 
     def point_at(threshold: float, min_layer: int, exits: np.ndarray) -> dict:
-        outcome = readout.outcome(exits, min_layer, threshold)
+        outcome = readout.outcome(exits, first_check(min_layer))
         picked = outcome.answers
         return {"threshold": float(threshold), "min_layer": int(min_layer), "mean_exit_layer": float(exits.mean()),
                 "continuation_layers": float(outcome.extra_layers.mean()),
@@ -193,7 +192,7 @@ def calibrate(data, scores: np.ndarray, tolerance: float = 0.01, n_thresholds: i
 
     path_confidence = 1.0 - (1.0 - confidence) / max(1, L - 1)  # Bonferroni over the min_layer paths
     cost = lambda point: point["mean_exit_layer"] + point["continuation_layers"] + check_cost * point["mean_checks"]  # noqa: E731
-    best = point_at(never, L - 1, exit_layers(scores, never, L - 1))
+    best = point_at(never, L, np.full(len(scores), L))  # the never-exit point
     accepted_any = accepted(best)
     # first_from[:, m-1]: the first layer >= m whose score reaches the threshold (L if none), i.e.
     # exit_layers(scores, threshold, m) for every m at once. Thresholds run from the strictest down:

@@ -33,7 +33,7 @@ def backend_policy(policy: str, fit: dict, train, out_dir: Path, criterion: str 
         return f"file,path={write_policy(out_dir / policy, policy, meta, fit['params'])[0]}"
     if policy == "threshold":
         return f"threshold,gap={threshold!r},min_layer={min_layer}"
-    if threshold > 1.0:  # margin and static scores never exceed 1: the calibrated point never exits
+    if min_layer >= train.num_layers:  # the never-exit point consults nothing: full depth
         return "full"
     if policy in ("margin", "simlens"):
         return f"{policy},margin={threshold!r},min_layer={min_layer}"

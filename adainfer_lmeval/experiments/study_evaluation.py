@@ -77,9 +77,8 @@ def run_study(collections: dict, models: list[str], tasks: list[StudyTask], rule
 
             def row(policy, setting, criterion, exits, readout=None, first_check=1, **extra):
                 readout = Readout.lens(test) if readout is None else readout
-                threshold = extra.get("threshold")  # a point above the score's ceiling consults nothing
-                result = evaluate(test, exits, readout, first_check, threshold)
-                outcome = readout.outcome(exits, first_check, threshold)
+                result = evaluate(test, exits, readout, first_check)
+                outcome = readout.outcome(exits, first_check)
                 continuation = float(outcome.extra_layers.mean())
                 rows.append({**base, "policy": policy, "setting": setting, "criterion": criterion,
                              "acc": result["policy_acc"], "delta_points": 100 * (result["policy_acc"] - full["full_acc"]),
@@ -106,8 +105,7 @@ def run_study(collections: dict, models: list[str], tasks: list[StudyTask], rule
                             **_guarantee_fields(point))
                     if setting == "intra":  # the whole trade-off on the test documents (hindsight)
                         best = calibrate(test, scores, rules.tolerance, criterion="accuracy", readout=readout)
-                        r = evaluate(test, exit_layers(scores, best["threshold"], best["min_layer"]), readout, best["min_layer"],
-                                     best["threshold"])
+                        r = evaluate(test, exit_layers(scores, best["threshold"], best["min_layer"]), readout, best["min_layer"])
                         hindsight.append({"model": model, "task": task.label, "policy": policy, "acc": r["policy_acc"],
                                           "layers_saved": r["layers_saved"], "agreement": r["agreement_with_full"],
                                           "threshold": best["threshold"], "min_layer": best["min_layer"]})
@@ -117,7 +115,7 @@ def run_study(collections: dict, models: list[str], tasks: list[StudyTask], rule
                                  [(t, min_layer) for t in np.unique(np.quantile(scores[np.isfinite(scores)], np.linspace(0, 1, 41)))])
                         pts = []
                         for threshold, first in sweep:
-                            r = evaluate(test, exit_layers(scores, threshold, first), readout, first, threshold)
+                            r = evaluate(test, exit_layers(scores, threshold, first), readout, first)
                             pts.append([r["layers_saved"], r["policy_acc"]])
                         curves.append({"model": model, "task": task.label, "policy": policy, "min_layer": min_layer,
                                        "points": pts})

@@ -82,8 +82,11 @@ def map_point(point: dict, source_layers: int, target_layers: int) -> dict:
     """An operating point moved to a model of another depth: ``min_layer`` by relative depth.
 
     The threshold applies to the policy's score, whose features are all per layer and
-    model-free (depth is l/L already), so it carries over unchanged.
+    model-free (depth is l/L already), so it carries over unchanged. The never-exit point
+    (``min_layer`` = L) stays one.
     """
+    if point["min_layer"] >= source_layers:
+        return {**point, "min_layer": target_layers}
     min_layer = int(round(point["min_layer"] * target_layers / source_layers))
     return {**point, "min_layer": max(1, min(target_layers - 1, min_layer))}
 
@@ -136,7 +139,7 @@ def policy_readout(policy: str, data) -> Readout:
     exit_cost = (exit_tokens / readout.row_tokens)[:, None] * remaining
     check_tokens = readout.check_tokens if policy == "simlens" else np.zeros(len(answers))
     check_cost = (check_tokens / readout.row_tokens)[:, None] * remaining[: L - 1]
-    return Readout(answers, check_cost, exit_cost, score_ceiling=1.0)  # margins are probabilities
+    return Readout(answers, check_cost, exit_cost)
 
 
 def document_outcomes(policy: str, params, data, point: dict) -> Outcome:
@@ -144,7 +147,7 @@ def document_outcomes(policy: str, params, data, point: dict) -> Outcome:
     ``point`` (threshold, min_layer): its exit layer, its answer there and the read-out's cost
     in layer equivalents (the offline side of the backend's ``policy=...``)."""
     exits = exit_layers(layer_scores(policy, params, data), point["threshold"], point["min_layer"])
-    return policy_readout(policy, data).outcome(exits, point["min_layer"], point["threshold"])
+    return policy_readout(policy, data).outcome(exits, point["min_layer"])
 
 
 def fit_study_policy(train, policy: str, rules: CalibrationRules) -> dict:

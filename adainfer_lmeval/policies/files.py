@@ -220,6 +220,7 @@ def check_fits(meta: dict, model: ModelIdentity, source: str) -> None:
         )
     if want["name"] != model.name:
         log.warning("%s was trained for %s; running it on %s (same shape)", source, want["name"], model.name)
-    if meta["min_layer"] >= model.num_layers:
-        raise AdaInferError(f"{source}: min_layer {meta['min_layer']} is not below the model's {model.num_layers} layers")
+    if meta["min_layer"] > model.num_layers:  # = num_layers: the never-exit point (no layer is consulted)
+        raise AdaInferError(f"{source}: min_layer {meta['min_layer']} is above the model's {model.num_layers} layers; "
+                            "retrain the policy for this model")
 

@@ -223,6 +223,8 @@ class LearnedPolicy(ExitPolicy):
         super().bind(model)
 
     def consults_at(self, layer: int, num_layers: int) -> bool:
+        if self.min_layer >= num_layers:  # stops nowhere (a never-exit file): reads nothing, a chain neither
+            return False
         start = self.estimator.seq_start if self.estimator is not None else None
         first = self.min_layer if start is None else min(start, self.min_layer)  # a chain reads every layer
         if any(name in CHANGE_SIGNALS for name in self.features):
