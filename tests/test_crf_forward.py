@@ -123,25 +123,29 @@ def old_exits(kind: str, meta: dict, path: Path, x: torch.Tensor, num_layers: in
 @pytest.mark.parametrize("kind", ["svm", "crf"])
 @pytest.mark.parametrize("folder", FOLDERS, ids=FOLDER_IDS)
 def test_shipped_policies_decide_as_before(folder, kind):
+    """At the stored point, and at a threshold where some rows stop (from the next-to-last layer
+    where the stored point is the never-exit one, min_layer = L)."""
     path = folder / f"{kind}.json"
     meta = read_policy(path)[1]
     num_layers = meta["model"]["num_layers"]
     identity = ModelIdentity(**{k: meta["model"][k] for k in ("name", "model_type", "num_layers", "hidden_size",
                                                               "vocab_size")})
     x = random_features(meta, rows=16, layers=num_layers - 1, seed=7)
-    for threshold in (None, float(np.median(old_scores_at_min_layer(kind, meta, path, x)))):
-        args = {"path": str(path)} if threshold is None else {"path": str(path), "threshold": threshold}
-        policy = build_policy(kind, args)
+    min_layer = min(meta["min_layer"], num_layers - 1)
+    median = float(np.median(old_scores_at_min_layer(kind, meta, path, x, min_layer)))
+    for args in ({}, {"threshold": median, "min_layer": min_layer}):
+        policy = build_policy(kind, {"path": str(path), **args})
         policy.bind(identity)
-        want_meta = {**meta, "threshold": policy.threshold}
+        want_meta = {**meta, "threshold": policy.threshold, "min_layer": policy.min_layer}
         want = old_exits(kind, want_meta, path, x, num_layers)
         got, _ = run_layers(policy, x, num_layers)
         assert got == want
+        if policy.min_layer == num_layers:
+            assert want == [num_layers] * len(x)  # the never-exit point
     assert len(set(want)) > 1  # at the median threshold some rows stop, others go on
 
 
-def old_scores_at_min_layer(kind, meta, path, x):
-    layer = meta["min_layer"]
+def old_scores_at_min_layer(kind, meta, path, x, layer):
     if kind == "svm":
         return old_svm_scores(meta, x[:, layer - 1]).numpy()
     model_bytes = (path.parent / meta["crfsuite_file"]).read_bytes()
