@@ -6,6 +6,8 @@ SmolLM2 tests (marked ``real``) test behaviour on real weights and data.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import transformers as tf
@@ -31,6 +33,9 @@ def _tiny_configs(vocab: int) -> dict:
 
 
 ARCHITECTURES = list(_tiny_configs(10))
+# Policy files written before the option signals and the guarantee (SmolLM2's, paper's five
+# features, agreement criterion): they must keep loading and deciding as they did.
+POLICIES_BEFORE_OPTION_SIGNALS = Path(__file__).parent / "fixtures" / "policies_paper_features"
 
 
 def _tiny_tokenizer():

@@ -21,11 +21,10 @@ from adainfer_lmeval.policies.learned.crf import CrfKind, crf_item
 from adainfer_lmeval.policies import files as policy_files
 from adainfer_lmeval.policies import ModelIdentity, build_policy
 
+from conftest import POLICIES_BEFORE_OPTION_SIGNALS
+
 SHIPPED = shipped_dir("policies")
-# Files written before the option signals (paper's features, agreement criterion): they must
-# keep loading and deciding as they did.
-BEFORE_OPTION_SIGNALS = Path(__file__).parent / "fixtures" / "policies_paper_features"
-FOLDERS = sorted(p.parent for p in [*SHIPPED.glob("*/crf.json"), *BEFORE_OPTION_SIGNALS.glob("*/crf.json")])
+FOLDERS = sorted(p.parent for p in [*SHIPPED.glob("*/crf.json"), *POLICIES_BEFORE_OPTION_SIGNALS.glob("*/crf.json")])
 FOLDER_IDS = [f"{f.parent.name}/{f.name}" for f in FOLDERS]
 
 

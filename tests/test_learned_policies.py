@@ -297,11 +297,14 @@ def test_shipped_svm_runs_on_smollm2_arc():
         per_doc.setdefault(instance.doc_id, set()).add(result.exit.layers)
     assert len(per_doc) == 3 and all(len(found) == 1 for found in per_doc.values())
     assert all(isinstance(r[0], float) for r in results)
-    if lm.exit_policy.min_layer == 30:  # the shipped file is the never-exit point: full depth, no check paid
-        full = AdaInferLM(pretrained="smollm2-135m", policy="full", device="cpu", batch_size=8).loglikelihood(task.instances)
-        assert layers == [30] * len(results) and all(r.exit.checks == 0 for r in results)
-        assert [r.exit.flops for r in results] == [r.exit.flops for r in full]
-        assert [tuple(r[:2]) for r in results] == [tuple(r[:2]) for r in full]
+    # The file at the never-exit point (min_layer = L, where training writes it when nothing passes):
+    # full depth's answers and FLOPs, no check paid.
+    never = AdaInferLM(pretrained="smollm2-135m", policy="svm", min_layer=30, device="cpu", batch_size=8)
+    never_results = never.loglikelihood(task.instances)
+    full = AdaInferLM(pretrained="smollm2-135m", policy="full", device="cpu", batch_size=8).loglikelihood(task.instances)
+    assert [r.exit.layers for r in never_results] == [30] * len(results) and all(r.exit.checks == 0 for r in never_results)
+    assert [r.exit.flops for r in never_results] == [r.exit.flops for r in full]
+    assert [tuple(r[:2]) for r in never_results] == [tuple(r[:2]) for r in full]
 
 
 # ---- the operating point under the guarantee ---------------------------------------------------

@@ -28,6 +28,8 @@ from adainfer_lmeval.policies import files as policy_files
 from adainfer_lmeval.errors import AdaInferError
 from adainfer_lmeval.policies import build_policy
 
+from conftest import POLICIES_BEFORE_OPTION_SIGNALS
+
 SHIPPED = shipped_dir("policies") / "smollm2-135m"
 HEADER_FIELDS = ["size", "type", "version", "num_features", "num_labels", "num_attrs", "off_features", "off_labels",
                  "off_attrs", "off_labelrefs", "off_attrrefs"]
@@ -243,7 +245,7 @@ def test_policy_list_survives_bad_entries_and_names_them(crf_dir, tmp_path, monk
 def test_a_file_from_before_the_guarantee_loads_as_it_is(kind):
     """Files written before the guarantee carry no guarantee fields (their operating point is an
     empirical one): they load with the stored point and features, and the listing still reads them."""
-    crf_dir = Path(__file__).parent / "fixtures" / "policies_paper_features" / "smollm2-135m"
+    crf_dir = POLICIES_BEFORE_OPTION_SIGNALS / "smollm2-135m"
     meta = policy_files.read_policy_json(crf_dir / f"{kind}.json")
     assert not set(policy_files.GUARANTEE_FIELDS) & set(meta["operating_point"])
     assert meta["operating_point"]["criterion"] in ("agreement", "accuracy")
