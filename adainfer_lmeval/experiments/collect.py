@@ -22,6 +22,9 @@ plus the gold option, each option's first token and a hash of the token rows. Th
 a parquet file (one row per example; list columns over layers) whose schema metadata names
 the model, tasks, shots, seed and package versions. Nothing is pickled.
 
+Traced batches also go to ``<out>.traces.jsonl`` as they finish, so an interrupted or enlarged
+collection resumes (:mod:`adainfer_lmeval.experiments.trace_log`).
+
     python -m adainfer_lmeval.experiments.collect --model smollm2-135m \
         --tasks arc_easy_train,boolq_train --shots 0,5 --docs 100 --out feats.parquet
 """
@@ -44,6 +47,7 @@ from adainfer_lmeval.errors import AdaInferError
 from adainfer_lmeval.offline.pypi import package_versions
 from adainfer_lmeval.core.features import FEATURE_NAMES
 from adainfer_lmeval.adapter import request_encoding as request_encoding
+from adainfer_lmeval.experiments.trace_log import TraceLog, trace_log_path
 
 SCHEMA_VERSION = 2  # 2: option_logits, margin_offset
 DEFAULT_FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed (lm_eval.defaults)
@@ -172,8 +176,12 @@ def build_examples(lm, task, name: str, doc_ids: list[int], shots: int, fewshot_
 
 
 @torch.no_grad()
-def trace_examples(engine, examples: list[Example], device, rows_per_batch=16, tokens_per_batch=4096, progress=None):
-    """Fill each example's per-layer features, top-1 tokens, option loglikelihoods and option logits."""
+def trace_examples(engine, examples: list[Example], device, rows_per_batch=16, tokens_per_batch=4096, progress=None,
+                   on_batch=None):
+    """Fill each example's per-layer features, top-1 tokens, option loglikelihoods and option logits.
+
+    ``on_batch(examples)`` is called with each batch's examples once they are filled.
+    """
     from adainfer_lmeval.core.engine import ExitBatch
 
     # One group per document (two documents with the same prompt stay two); identical rows
@@ -210,6 +218,8 @@ def trace_examples(engine, examples: list[Example], device, rows_per_batch=16, t
                 ex.top1.append(int(view.logits[i][0].argmax()))
                 ex.option_ll.append(lls[id(ex)])
                 ex.option_logits.append(logits[id(ex)])
+        if on_batch is not None:
+            on_batch(batch_examples)
         if progress is not None:
             progress.update(len(batch_examples))
 
@@ -284,6 +294,7 @@ def collect(
         lm = AdaInferLM(pretrained=model, policy="full", batch_size=1, device=device, **extra)
     engine = lm.engine
     identity = engine.stack.identity()
+    log = TraceLog(trace_log_path(out), identity, SCHEMA_VERSION)
     examples: list[Example] = []
     per_part = []
     for spec in task_specs:
@@ -298,12 +309,15 @@ def collect(
             tokens = sum(len(r) for e in part for r in e.rows)
             desc = f"{spec} {k}-shot ({len(part)} docs, {tokens / len(part):.0f} tok/doc)"
             t0 = time.time()
-            with tqdm(total=len(part), desc=desc, disable=quiet, file=sys.stderr) as bar:
-                trace_examples(engine, part, lm.device, rows_per_batch, tokens_per_batch, bar)
+            pending = log.restore(part)
+            with tqdm(total=len(part), initial=len(part) - len(pending), desc=desc, disable=quiet, file=sys.stderr) as bar:
+                if pending:
+                    trace_examples(engine, pending, lm.device, rows_per_batch, tokens_per_batch, bar, on_batch=log.append)
             for e in part:
                 e.source = spec
             per_part.append({
                 "task": spec, "num_fewshot": k, "docs": len(part), "tokens": tokens,
+                "resumed": len(part) - len(pending),  # read back from the trace log, not traced now
                 "seconds": round(time.time() - t0, 1), "sha256": examples_hash(part),
             })
             examples.extend(part)
@@ -396,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"collect: error: {error}", file=sys.stderr)
         return 2
     for p in meta["parts"]:
-        print(f"{p['task']:>22} {p['num_fewshot']}-shot  {p['docs']:4d} docs  {p['tokens']:7d} tokens  {p['seconds']:6.1f}s")
+        print(f"{p['task']:>22} {p['num_fewshot']}-shot  {p['docs']:4d} docs ({p['resumed']} from the trace log)  "
+              f"{p['tokens']:7d} tokens  {p['seconds']:6.1f}s")
     print(f"wrote {args.out} ({meta['seconds']}s, data sha256 {meta['data_sha256'][:16]})")
     return 0
 
