@@ -12,6 +12,11 @@ from adainfer_lmeval.experiments import collect as collect_mod
 from adainfer_lmeval.experiments.collect import collect, read_metadata, trace_log_path
 
 
+def _collect(dirs, docs, out, arch="llama"):
+    """SST-2 0-shot, ``docs`` documents, batches of 4 rows (so a collection has several)."""
+    return collect(str(dirs[arch]), ["sst2"], [0], docs, out, rows_per_batch=4, quiet=True)
+
+
 def _rows(path):
     table = pq.read_table(path).to_pylist()
     return {(r["task"], r["doc_id"], r["num_fewshot"]): r for r in table}
@@ -21,7 +26,7 @@ def _rows(path):
 def fresh(tiny_model_dirs, tmp_path_factory):
     """Eight SST-2 documents collected in one go, without a log to read from."""
     out = tmp_path_factory.mktemp("fresh") / "fresh.parquet"
-    collect(str(tiny_model_dirs["llama"]), ["sst2"], [0], 8, out, rows_per_batch=4, quiet=True)
+    _collect(tiny_model_dirs, 8, out)
     return _rows(out)
 
 
@@ -38,14 +43,14 @@ def test_an_interrupted_collection_resumes_from_its_log(tiny_model_dirs, tmp_pat
 
     monkeypatch.setattr(collect_mod.TraceLog, "append", dies_after_two_batches)
     with pytest.raises(KeyboardInterrupt):
-        collect(str(tiny_model_dirs["llama"]), ["sst2"], [0], 8, out, rows_per_batch=4, quiet=True)
+        _collect(tiny_model_dirs, 8, out)
     assert not out.exists()
     logged = sum(batches)
     assert 0 < logged < 8
     monkeypatch.setattr(collect_mod.TraceLog, "append", append)
     with open(trace_log_path(out), "a") as f:
         f.write('{"key": "torn line of a process killed mid-wri')  # must be skipped, not crash
-    meta = collect(str(tiny_model_dirs["llama"]), ["sst2"], [0], 8, out, rows_per_batch=4, quiet=True)
+    meta = _collect(tiny_model_dirs, 8, out)
     assert meta["parts"][0]["resumed"] == logged
     assert read_metadata(out)["data_sha256"] == meta["data_sha256"]
     assert _rows(out) == fresh  # identical to the uninterrupted collection, value for value
@@ -53,9 +58,9 @@ def test_an_interrupted_collection_resumes_from_its_log(tiny_model_dirs, tmp_pat
 
 def test_more_documents_trace_only_the_new_ones(tiny_model_dirs, tmp_path, fresh):
     out = tmp_path / "c.parquet"
-    first = collect(str(tiny_model_dirs["llama"]), ["sst2"], [0], 5, out, rows_per_batch=4, quiet=True)
+    first = _collect(tiny_model_dirs, 5, out)
     assert first["parts"][0]["resumed"] == 0
-    second = collect(str(tiny_model_dirs["llama"]), ["sst2"], [0], 8, out, rows_per_batch=4, quiet=True)
+    second = _collect(tiny_model_dirs, 8, out)
     assert second["parts"][0]["resumed"] == 5  # the sample of 5 is the first 5 of the sample of 8
     got = _rows(out)
     assert got.keys() == fresh.keys()
@@ -70,8 +75,8 @@ def test_more_documents_trace_only_the_new_ones(tiny_model_dirs, tmp_path, fresh
 
 def test_a_log_of_another_model_fills_nothing(tiny_model_dirs, tmp_path, fresh):
     out = tmp_path / "c.parquet"
-    collect(str(tiny_model_dirs["llama"]), ["sst2"], [0], 8, out, rows_per_batch=4, quiet=True)
-    other = collect(str(tiny_model_dirs["qwen2"]), ["sst2"], [0], 8, out, rows_per_batch=4, quiet=True)
+    _collect(tiny_model_dirs, 8, out)
+    other = _collect(tiny_model_dirs, 8, out, "qwen2")
     assert other["parts"][0]["resumed"] == 0
     assert _rows(out) != fresh
 
@@ -84,7 +89,7 @@ def test_a_log_of_another_model_fills_nothing(tiny_model_dirs, tmp_path, fresh):
 ])
 def test_a_bad_log_line_is_traced_again_not_read(tiny_model_dirs, tmp_path, fresh, line):
     out = tmp_path / "c.parquet"
-    collect(str(tiny_model_dirs["llama"]), ["sst2"], [0], 8, out, rows_per_batch=4, quiet=True)
+    _collect(tiny_model_dirs, 8, out)
     log = trace_log_path(out)
     records = [json.loads(raw) for raw in log.read_text().splitlines()]
     if line is None:
@@ -93,6 +98,6 @@ def test_a_bad_log_line_is_traced_again_not_read(tiny_model_dirs, tmp_path, fres
     else:
         lines = [line] + [json.dumps(r) for r in records[1:]]
     log.write_text("\n".join(lines) + "\n")
-    again = collect(str(tiny_model_dirs["llama"]), ["sst2"], [0], 8, out, rows_per_batch=4, quiet=True)
+    again = _collect(tiny_model_dirs, 8, out)
     assert again["parts"][0]["resumed"] == 7
     assert _rows(out).keys() == fresh.keys()

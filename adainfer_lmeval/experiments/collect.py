@@ -71,6 +71,9 @@ class Example:
     option_ll: list[list[float]] = field(default_factory=list)  # [L][options]
     option_logits: list[list[float]] = field(default_factory=list)  # [L][options] at the margin position
 
+    def seen(self) -> list:  # the example's identity: what the model saw and the gold it is scored against
+        return [self.task, self.doc_id, self.num_fewshot, self.rows, self.gold]
+
     @property
     def margin_offset(self) -> int:
         return request_encoding.margin_offset(self.continuations)
@@ -176,12 +179,9 @@ def build_examples(lm, task, name: str, doc_ids: list[int], shots: int, fewshot_
 
 
 @torch.no_grad()
-def trace_examples(engine, examples: list[Example], device, rows_per_batch=16, tokens_per_batch=4096, progress=None,
-                   on_batch=None):
-    """Fill each example's per-layer features, top-1 tokens, option loglikelihoods and option logits.
-
-    ``on_batch(examples)`` is called with each batch's examples once they are filled.
-    """
+def trace_examples(engine, examples: list[Example], device, rows_per_batch=16, tokens_per_batch=4096, progress=None, on_batch=None):
+    """Fill each example's per-layer features, top-1 tokens, option loglikelihoods and option logits
+    (``on_batch(examples)`` gets each batch's examples once they are filled)."""
     from adainfer_lmeval.core.engine import ExitBatch
 
     # One group per document (two documents with the same prompt stay two); identical rows
@@ -257,7 +257,7 @@ def examples_hash(examples: list[Example]) -> str:
     """sha256 over what the model saw: task, doc, shots and every option's token row."""
     h = hashlib.sha256()
     for e in sorted(examples, key=lambda e: (e.task, e.num_fewshot, e.doc_id)):
-        h.update(json.dumps([e.task, e.doc_id, e.num_fewshot, e.rows, e.gold]).encode())
+        h.update(json.dumps(e.seen()).encode())
     return h.hexdigest()
 
 

@@ -36,8 +36,8 @@ class TraceLog:
         self._lines: dict[str, dict] | None = None
 
     def key(self, ex) -> str:
-        seen = [self._model, ex.task, ex.doc_id, ex.num_fewshot, ex.rows, ex.decision, ex.gold]
-        return hashlib.sha256(json.dumps(seen).encode()).hexdigest()
+        # the decision positions too: the same rows split otherwise into context and continuation
+        return hashlib.sha256(json.dumps([self._model, ex.seen(), ex.decision]).encode()).hexdigest()
 
     def _read(self) -> dict[str, dict]:
         if self._lines is None:
