@@ -126,6 +126,56 @@ def test_simlens_at_margin_zero_stops_at_min_layer_and_reads_the_continuation(ti
     assert reused == 2, "the speakers scored at their decision position alone reuse their checks' continuations"
 
 
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("spec", [("margin", {"margin": 0.0, "min_layer": 2}), ("static", {"layer": 2})])
+def test_a_lens_rule_reading_the_continuation_exits_where_it_did_and_answers_off_the_carry(tiny_models, arch, spec):
+    """readout=continuation (the study's margin_simlens, simlens_static): the rule's own checks,
+    the same exit layers as through the lens, the answer carried on from the exit layer, and no
+    check carry (only the exit's read-out carries)."""
+    model = tiny_models[arch]
+    stack = DecoderStack(model)
+    name, args = spec
+    batch, engine_batch, pairs = _batch(model.config.vocab_size, seed=5)
+    lens = EarlyExitEngine(model, build_policy(name, args)).run(batch)
+    with StageClock() as clock:
+        out = EarlyExitEngine(model, build_policy(name, {**args, "readout": "continuation"})).run(batch)
+    assert "check_continuation" not in clock.calls and clock.calls["exit_continuation"] >= 1
+    assert out.exit_layers == lens.exit_layers and out.checks == lens.checks and out.check_rows == lens.check_rows
+    assert out.check_token_layers == out.check_carried_tokens == [0] * len(out.exit_layers)
+    assert set(out.exit_layers) == ({2, LAYERS} if name == "margin" else {2})  # margin: one-option groups go on
+    for j, row in enumerate(engine_batch.rows):
+        layer = out.exit_layers[j]
+        torch.testing.assert_close(out.logits[j], _reference_logits(model, stack, row.tokens, row.decision, layer),
+                                   atol=1e-4, rtol=1e-4)
+        carried = _carried_tokens(row.decision, len(row.tokens) - row.decision)
+        want = (0, 0) if layer == LAYERS else (carried * (LAYERS - layer), carried)
+        assert (out.exit_token_layers[j], out.exit_carried_tokens[j]) == want
+        if layer < LAYERS:  # through the lens the same layer reads another answer
+            assert not torch.allclose(out.logits[j], lens.logits[j], atol=1e-4)
+
+
+def test_the_readout_is_named_in_the_results_and_checked_in_one_line():
+    assert build_policy("margin", {"margin": 0.5, "readout": "continuation"}).describe() == {
+        "name": "margin", "margin": 0.5, "min_layer": 1, "exit_readout": "continuation"}
+    assert build_policy("static", {"layer": 3, "readout": "lens"}).describe() == {"name": "static", "layer": 3}
+    assert build_policy("threshold", {"gap": 0.5, "readout": "continuation"}).exit_readout == "continuation"
+    with pytest.raises(AdaInferError) as error:
+        build_policy("static", {"layer": 3, "readout": "carry"})
+    assert str(error.value) == "readout='carry' for policy=static: choose one of lens, continuation"
+    with pytest.raises(AdaInferError, match="policy=simlens does not take readout"):
+        build_policy("simlens", {"readout": "lens"})  # it always answers off the continuation
+
+
+def test_generation_refuses_an_answer_off_the_continuation_in_one_line(tiny_models):
+    engine = EarlyExitEngine(tiny_models["llama"], build_policy("static", {"layer": 2, "readout": "continuation"}))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with pytest.raises(AdaInferError) as error:
+        EarlyExitGenerator(engine).generate(ids, torch.ones_like(ids), 3)
+    assert str(error.value) == (
+        "policy=static answers off the SimLens continuation (readout=continuation), which carries a loglikelihood "
+        "request's scored positions, not generated tokens: generate_until tasks cannot use it; drop readout=continuation")
+
+
 def test_simlens_that_never_stops_is_full_depth_exactly(tiny_models):
     model = tiny_models["gemma3_text"]
     stack = DecoderStack(model)

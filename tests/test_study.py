@@ -331,6 +331,8 @@ def test_offline_evaluation_equals_the_backend(tmp_path):
     fitted["margin"]["points"]["accuracy"]["threshold"] = float(np.median(train.feats[:, 10:29, train.columns(["margin"])[0]]))
     fitted["static"]["points"]["accuracy"].update(threshold=1.0, min_layer=17)
     fitted["simlens"]["points"]["accuracy"]["threshold"] = float(np.median(train.continuation.margin[:, 10:29]))
+    fitted["margin_simlens"]["points"]["accuracy"]["threshold"] = fitted["margin"]["points"]["accuracy"]["threshold"]
+    fitted["simlens_static"]["points"]["accuracy"].update(threshold=1.0, min_layer=17)
     report = backend_check(model, task, 12, fitted, train, tmp_path)
     for policy, r in report.items():
         assert r["docs"] == 12
@@ -340,6 +342,9 @@ def test_offline_evaluation_equals_the_backend(tmp_path):
     assert len(set(report["margin"]["backend_exits"])) > 1  # the margin splits the documents
     assert set(report["static"]["backend_exits"]) == {17}
     assert len(set(report["simlens"]["backend_exits"])) > 1  # the continuation's margin splits them too
+    # readout=continuation: the lens rules' exits, the continuation's answers
+    assert report["margin_simlens"]["backend_exits"] == report["margin"]["backend_exits"]
+    assert set(report["simlens_static"]["backend_exits"]) == {17}
 
 
 def test_a_file_collected_before_option_logits_is_collected_again(tmp_path):

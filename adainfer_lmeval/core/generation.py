@@ -54,11 +54,16 @@ def refuse_loglikelihood_only(policy) -> None:
     """Generation has no answer options and no continuation read-out: a policy reading option
     or continuation signals, or reading its answer off the continuation, cannot run here."""
     continued = continuation_signals(policy.features)
-    if continued or policy.exit_readout == "continuation":
-        what = f"reads the SimLens continuation ({', '.join(continued)})" if continued else "answers off the SimLens continuation"
+    if continued:
         raise AdaInferError(
-            f"policy={policy.name} {what}, defined over a loglikelihood group's answer options, not per generated token: "
-            "generate_until tasks cannot use it; use threshold or static"
+            f"policy={policy.name} reads the SimLens continuation ({', '.join(continued)}), defined over a loglikelihood "
+            "group's answer options, not per generated token: generate_until tasks cannot use it; use threshold or static"
+        )
+    if policy.exit_readout == "continuation":
+        raise AdaInferError(
+            f"policy={policy.name} answers off the SimLens continuation (readout=continuation), which carries a "
+            "loglikelihood request's scored positions, not generated tokens: generate_until tasks cannot use it; "
+            "drop readout=continuation"
         )
     reads = option_signals(policy.features)
     if reads:

@@ -99,6 +99,32 @@ class Readout:
         n, L = data.choice.shape
         return cls(data.choice, np.zeros((n, L - 1)), np.zeros((n, L)))
 
+    @classmethod
+    def carried(cls, data, checks: bool, answers: bool) -> "Readout":
+        """With the SimLens continuation (:mod:`adainfer_lmeval.core.continuation`): ``answers``,
+        the continuation's answer at layers 1..L-1 (a document that never stops runs to layer L
+        and is read as usual), else the lens'; ``checks``, each check at layer l carries the
+        speaker's check tokens (a policy reading ``continuation_margin``; its option head rows are
+        not counted, as the lens margin's are not). Carries in layer equivalents: tokens x
+        remaining layers over the group's computed rows' tokens; an exit answer at l < L carries
+        every computed row's scored positions less what a check at l already carried
+        (``reused_tokens``)."""
+        readout = data.continuation
+        if readout is None:
+            raise ValueError("no continuation read-out: collect it (adainfer_lmeval.experiments.collect_continuation) first")
+        n, L = data.choice.shape
+        remaining = (L - np.arange(1, L + 1)).astype(np.float64)  # layers after layer l
+        if answers:
+            picked = readout.choice.copy()
+            picked[:, L - 1] = data.choice[:, L - 1]
+            exit_tokens = readout.exit_tokens - (readout.reused_tokens if checks else 0.0)
+            exit_cost = (exit_tokens / readout.row_tokens)[:, None] * remaining
+        else:
+            picked, exit_cost = data.choice, np.zeros((n, L))
+        check_tokens = readout.check_tokens if checks else np.zeros(n)
+        check_cost = (check_tokens / readout.row_tokens)[:, None] * remaining[: L - 1]
+        return cls(picked, check_cost, exit_cost)
+
     @cached_property
     def _checks_through(self) -> np.ndarray:
         """[N, L]: column l, the cost of consulting layers 1..l (column 0: none)."""
@@ -125,8 +151,12 @@ def exit_layers(scores: np.ndarray, threshold: float, min_layer: int) -> np.ndar
 def evaluate(data, exits: np.ndarray, readout: Readout | None = None, min_layer: int = 1) -> dict:
     """Accuracy, agreement with full depth and layers saved of ``data`` exiting at ``exits``, read
     by ``readout`` (default: the lens) consulted from ``min_layer``: layers saved count its cost."""
-    outcome = (Readout.lens(data) if readout is None else readout).outcome(exits, min_layer)
-    picked = outcome.answers
+    return evaluate_outcome(data, (Readout.lens(data) if readout is None else readout).outcome(exits, min_layer))
+
+
+def evaluate_outcome(data, outcome: Outcome) -> dict:
+    """:func:`evaluate` of what the documents of ``data`` did (``outcome``: exits, answers, read-out costs)."""
+    picked, exits = outcome.answers, outcome.exits
     L = data.num_layers
     return {
         "n_docs": int(len(exits)),

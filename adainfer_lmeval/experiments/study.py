@@ -37,7 +37,8 @@ def _backend_check(args, models, tasks, fitted, collections) -> dict:
     from adainfer_lmeval.experiments.study_backend import BACKEND_POLICIES, backend_check
 
     model, task = next(iter(models)), tasks[0]
-    policies = {p: fitted[(model, task.label, "intra", p)] for p in BACKEND_POLICIES}
+    keys = {p: (model, task.label, "intra", p) for p in BACKEND_POLICIES}  # SimLens ones only where read out
+    policies = {p: fitted[key] for p, key in keys.items() if key in fitted}
     report = backend_check(model, task, args.check_docs, policies, collections[(model, task.label, "train")],
                            args.collect_dir.parent / "check")
     for policy, r in report.items():

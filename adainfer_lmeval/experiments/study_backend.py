@@ -2,9 +2,10 @@
 
 Each fitted policy is run through ``lm_eval.simple_evaluate(model="adainfer", ...)`` as the
 policy the backend knows (SVM/CRF as policy files, the rules as ``policy=threshold``,
-``margin``, ``static``, ``simlens``), and its exit layers and answers are compared with the offline
-evaluation of the same documents' collected features (and, for ``simlens``, their collected
-continuation read-out: :func:`~.study_policies.document_outcomes`).
+``margin``, ``static``, ``simlens``; ``margin_simlens`` and ``simlens_static`` as the margin and
+static rules with ``readout=continuation``), and its exit layers and answers are compared with
+the offline evaluation of the same documents' collected features (and, for the policies that
+answer off the continuation, their collected read-out: :func:`~.study_policies.document_outcomes`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 from adainfer_lmeval.experiments.study_policies import CLASSIFIERS, CONTINUATION_POLICIES, LABEL, document_outcomes
 from adainfer_lmeval.experiments.study_tasks import StudyTask
 
-BACKEND_POLICIES = ("svm", "crf", "threshold", "margin", "static", "simlens")  # the study policies the backend runs
+BACKEND_POLICIES = ("svm", "crf", "threshold", "margin", "static", "simlens", "margin_simlens", "simlens_static")
 
 
 def backend_policy(policy: str, fit: dict, train, out_dir: Path, criterion: str = "accuracy") -> str:
@@ -37,6 +38,10 @@ def backend_policy(policy: str, fit: dict, train, out_dir: Path, criterion: str 
         return "full"
     if policy in ("margin", "simlens"):
         return f"{policy},margin={threshold!r},min_layer={min_layer}"
+    if policy == "margin_simlens":  # the lens margin decides, the continuation answers
+        return f"margin,margin={threshold!r},min_layer={min_layer},readout=continuation"
+    if policy == "simlens_static":
+        return f"static,layer={min_layer},readout=continuation"
     return f"static,layer={min_layer}"
 
 

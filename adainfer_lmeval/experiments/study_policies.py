@@ -118,28 +118,13 @@ def _continuation(data, policy: str):
 
 
 def policy_readout(policy: str, data) -> Readout:
-    """What ``policy`` answers at each exit layer of ``data``'s documents and what that costs.
-
-    The lens for the policies that do not read the continuation. For the SimLens policies, the
-    continuation's answer at layers 1..L-1 (a document that never stops runs to layer L and is
-    read as usual), and its carries in layer equivalents: tokens x remaining layers over the
-    group's computed rows' tokens. ``simlens``'s check at layer l carries the speaker's check
-    tokens (its option head rows are not counted, as ``margin``'s are not); the exit answer at
-    l < L carries every computed row's scored positions, less what a ``simlens`` check at l
-    already carried (``reused_tokens``).
-    """
+    """What ``policy`` answers at each exit layer of ``data``'s documents and what that costs: the
+    lens, or for the SimLens policies the continuation (:meth:`Readout.carried`; only
+    ``simlens``'s checks carry, the others' checks read the lens)."""
     if policy not in CONTINUATION_POLICIES:
         return Readout.lens(data)
-    readout = _continuation(data, policy)
-    L = data.num_layers
-    remaining = (L - np.arange(1, L + 1)).astype(np.float64)  # layers after layer l
-    answers = readout.choice.copy()
-    answers[:, L - 1] = data.choice[:, L - 1]
-    exit_tokens = readout.exit_tokens - (readout.reused_tokens if policy == "simlens" else 0.0)
-    exit_cost = (exit_tokens / readout.row_tokens)[:, None] * remaining
-    check_tokens = readout.check_tokens if policy == "simlens" else np.zeros(len(answers))
-    check_cost = (check_tokens / readout.row_tokens)[:, None] * remaining[: L - 1]
-    return Readout(answers, check_cost, exit_cost)
+    _continuation(data, policy)  # one line naming what to collect
+    return Readout.carried(data, checks=policy == "simlens", answers=True)
 
 
 def document_outcomes(policy: str, params, data, point: dict) -> Outcome:

@@ -6,12 +6,16 @@ collects signals (:mod:`adainfer_lmeval.experiments.collect`) over the training 
 ``--features FILE`` gives a collection, builds labels
 (:mod:`adainfer_lmeval.experiments.training_data`), fits each kind of ``--kinds`` and picks its
 operating point (:mod:`adainfer_lmeval.experiments.fitting`), and writes ``svm.json``,
-``crf.json`` + ``crf.crfsuite``, ``margin.json``.
+``crf.json`` + ``crf.crfsuite``, ``margin.json``, ``simlens.json``.
 
 The classifiers read the signals of ``--use-features``: the paper's (p1, gap, entropy, cosine,
 depth) and the answer-option ones (margin, option_change, option_kl), derived from the
-collection's option logits. ``margin`` fits nothing: its file holds the operating point of the
-``policy=margin`` rule.
+collection's option logits, and ``continuation_margin`` (the option margin read off the SimLens
+continuation). ``margin`` and ``simlens`` fit nothing: their files hold the operating point of
+the ``policy=margin`` / ``policy=simlens`` rule; ``simlens`` is calibrated on the answers it
+gives, the continuation's, with its carries counted. Kinds or features that need the
+continuation read it from beside the collection (:mod:`.collect_continuation`), collecting it
+first where it is missing or stale.
 
 Operating point (:mod:`adainfer_lmeval.experiments.calibration`): a policy stops at the first
 layer l >= ``min_layer`` whose score (SVM decision value; CRF marginal P(stop at l | layers
@@ -38,13 +42,13 @@ from pathlib import Path
 from adainfer_lmeval.core.features import FEATURE_NAMES
 from adainfer_lmeval.errors import AdaInferError
 from adainfer_lmeval.experiments.calibration import CRITERIA, DEFAULT_CHECK_COST, best_static_layer
-from adainfer_lmeval.experiments.fitting import cross_validate, fit_policy, label_study
-from adainfer_lmeval.experiments.training_data import LABEL_MODES, OPTION_SIGNALS, PREDICTIONS, Data, load_data, make_labels
+from adainfer_lmeval.experiments.fitting import cross_validate, fit_policy, kind_readout, label_study
+from adainfer_lmeval.experiments.training_data import (CONTINUATION_SIGNALS, LABEL_MODES, OPTION_SIGNALS, PREDICTIONS, Data,
+                                                       load_data, make_labels)
 from adainfer_lmeval.offline.pypi import package_versions
 from adainfer_lmeval.paths import shipped_dir
 from adainfer_lmeval.policies.files import FORMAT, FORMAT_VERSION, GUARANTEE_FIELDS, write_policy_files
-from adainfer_lmeval.policies.learned.base import LearnedKind
-from adainfer_lmeval.policies.learned.margin import MarginKind
+from adainfer_lmeval.policies.learned.base import LearnedKind, learned_kind
 
 #: the training splits the shipped policies are fitted on
 TRAINING_TASKS = (
@@ -76,12 +80,14 @@ def policy_meta(kind: str, data: Data, params: LearnedKind, point: dict, feature
         "min_layer": point["min_layer"],
         "operating_point": {
             "rule": f"stop at the first layer l >= min_layer with score >= threshold (score: {params.score_meaning})",
-            "chosen_on": ("the training documents' margins (nothing is fitted)" if not params.fits_parameters
+            "chosen_on": ("the training documents' scores (nothing is fitted)" if not params.fits_parameters
                           else "cross-fitted held-out scores of the training documents"),
             "criterion": criterion, **chosen_by,
             "calibration_acc": point["acc"], "calibration_full_acc": point["full_acc"],
             "calibration_mean_exit_layer": point["mean_exit_layer"],
             "calibration_mean_checks": point["mean_checks"], "check_cost_in_layers": point["check_cost"],
+            # the SimLens carries (checks reading the continuation, answers read off it), in layers
+            **({"calibration_continuation_layers": point["continuation_layers"]} if point.get("continuation_layers") else {}),
         },
         **({"label": label} if params.fits_parameters else {}),
         "training": training,
@@ -98,6 +104,22 @@ def write_policy(out_dir: Path, kind: str, meta: dict, params: LearnedKind) -> l
 
 
 # ---- the command -----------------------------------------------------------------------------
+
+
+def _with_continuation(data: Data, collection: Path, model: str) -> Data:
+    """``data`` with the SimLens continuation read-out of ``collection`` and its signal, collecting
+    the read-out first (with ``model``) where it is missing or stale."""
+    from adainfer_lmeval.experiments.collect_continuation import collect_continuation, continuation_is_current, continuation_path
+    from adainfer_lmeval.experiments.training_data import with_continuation, with_continuation_signals
+
+    if not continuation_is_current(continuation_path(collection), data.meta):
+        from adainfer_lmeval.adapter.backend import AdaInferLM
+
+        print(f"collecting the continuation read-out of {collection} ...", flush=True)
+        written = collect_continuation(AdaInferLM(pretrained=model, policy="full", batch_size=1, device="cpu"), collection,
+                                       quiet=False)
+        print(f"  {written['docs']} documents in {written['seconds']:.0f}s -> {continuation_path(collection)}")
+    return with_continuation_signals(with_continuation(data, collection))
 
 
 def _pct(v: float) -> str:
@@ -130,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", choices=LABEL_MODES, default="final")
     parser.add_argument("--prediction", choices=PREDICTIONS, default="option")
     parser.add_argument("--use-features", default=",".join(FEATURE_NAMES),
-                        help=f"signals the SVM/CRF read, of {', '.join(FEATURE_NAMES + OPTION_SIGNALS)}")
+                        help=f"signals the SVM/CRF read, of {', '.join(FEATURE_NAMES + OPTION_SIGNALS + CONTINUATION_SIGNALS)}")
     parser.add_argument("--criterion", choices=CRITERIA, default="guarantee",
                         help="operating point: at most --max-changed answers changed at --confidence (guarantee), "
                              "at most --tolerance changed on the calibration documents (agreement), or accuracy "
@@ -143,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                              "(of points that exit alike, the one consulting fewer layers wins)")
     parser.add_argument("--folds", type=int, default=5, help="outer folds for the validation figures")
     parser.add_argument("--inner-folds", type=int, default=4, help="folds for the held-out calibration scores")
-    parser.add_argument("--kinds", default="svm,crf", help="of svm, crf, margin (the margin rule's operating point)")
+    parser.add_argument("--kinds", default="svm,crf",
+                        help="of svm, crf, margin, simlens (margin/simlens: the rule's operating point)")
     parser.add_argument("--no-study", action="store_true", help="skip the label-mode study")
     parser.add_argument("--threads", type=int, help="torch threads while collecting (1 is faster on a shared machine)")
     parser.add_argument("--out", type=Path, help="folder for the policy files (default: policies/<model>)")
@@ -168,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
                     features_path, seed=args.seed)
         data = load_data(features_path)
         use = [f for f in args.use_features.split(",") if f]
+        kinds = [k for k in args.kinds.split(",") if k]
+        reads = {kind: use if learned_kind(kind).fits_parameters else list(learned_kind(kind).policy.features) for kind in kinds}
+        if any(name in CONTINUATION_SIGNALS for kind_reads in reads.values() for name in kind_reads):
+            data = _with_continuation(data, features_path, args.model)
         cols = data.columns(use)
         L = data.num_layers
         model_name = data.meta["model"]["name"]
@@ -179,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
               f"(in-sample): {static['layer']} ({_pct(static['acc'])}%)")
         study = []
         if not args.no_study:
-            study = label_study(data, cols, args.tolerance, args.folds, args.inner_folds, args.seed, **choose)
+            study = label_study(data, cols, args.tolerance, args.folds, args.inner_folds, args.seed,
+                                readout=kind_readout("svm", use), **choose)
             print("\nlabel study (SVM, cross-validated held-out documents):")
             print("  label  prediction  stop-rate  full-acc  policy-acc  mean-exit  layers-saved")
             for r in study:
@@ -205,12 +233,13 @@ def main(argv: list[str] | None = None) -> int:
         if study:
             training["label_study"] = study
         print(f"\nshipping label={args.label} prediction={args.prediction} (stop rate {_pct(float(y.mean()))}%), features {use}")
-        for kind in [k for k in args.kinds.split(",") if k]:
-            reads = list(MarginKind.policy.features) if kind == MarginKind.kind else use
-            kind_cols = data.columns(reads)
-            cv = cross_validate(data, y, kind, kind_cols, args.tolerance, args.folds, args.inner_folds, args.seed, **choose)
-            params, point = fit_policy(data, y, kind, kind_cols, args.tolerance, args.inner_folds, args.seed, **choose)
-            meta = policy_meta(kind, data, params, point, reads, label, cv, training)
+        for kind in kinds:
+            kind_cols, readout = data.columns(reads[kind]), kind_readout(kind, reads[kind])
+            cv = cross_validate(data, y, kind, kind_cols, args.tolerance, args.folds, args.inner_folds, args.seed,
+                                readout=readout, **choose)
+            params, point = fit_policy(data, y, kind, kind_cols, args.tolerance, args.inner_folds, args.seed,
+                                       readout=readout, **choose)
+            meta = policy_meta(kind, data, params, point, reads[kind], label, cv, training)
             paths = write_policy(out_dir, kind, meta, params)
             print(f"{kind}: validation (cross-validated, {cv['n_docs']} examples): full {_pct(cv['full_acc'])}%  "
                   f"{kind} {_pct(cv['policy_acc'])}%  mean exit {cv['mean_exit_layer']:.2f}/{L}  "

@@ -30,12 +30,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adainfer_lmeval.core.features import FEATURE_NAMES, SIGNALS, SignalInputs, compute_signals, option_signals
+from adainfer_lmeval.core.features import (FEATURE_NAMES, SIGNALS, SignalInputs, compute_signals, continuation_signals,
+                                           option_signals)
 from adainfer_lmeval.core.options import option_margin, option_probs
 from adainfer_lmeval.errors import AdaInferError
 
 #: the core's signals over the answer options, derived from the collected option logits
 OPTION_SIGNALS = tuple(option_signals(tuple(SIGNALS)))
+#: the core's signals read off the SimLens continuation, from the continuation read-out
+CONTINUATION_SIGNALS = tuple(continuation_signals(tuple(SIGNALS)))
 LABEL_MODES = ("gold", "final")
 PREDICTIONS = ("option", "token", "both")
 
@@ -180,6 +183,16 @@ def with_continuation(data: Data, collection: Path) -> Data:
     keys = [(key.rsplit(":", 1)[0], int(key.rsplit(":", 1)[1]), int(shots)) for key, shots in zip(data.keys, data.shots)]
     cols = read_continuation(continuation_path(collection), data.meta, keys)
     return replace(data, continuation=continuation_readout(cols))
+
+
+def with_continuation_signals(data: Data) -> Data:
+    """``data`` (with its continuation read-out) with :data:`CONTINUATION_SIGNALS` as feature
+    columns too, so that a classifier or a rule can read them like any other signal."""
+    if data.continuation is None:
+        raise AdaInferError("the training data has no continuation read-out (adainfer_lmeval.experiments.collect_continuation)")
+    recorded = {"continuation_margin": data.continuation.margin}  # [N, L] per signal (a new one adds its column here)
+    return replace(data, feats=np.concatenate([data.feats, *(recorded[name][:, :, None] for name in CONTINUATION_SIGNALS)], -1),
+                   feature_names=data.feature_names + CONTINUATION_SIGNALS)
 
 
 def make_labels(data: Data, mode: str, prediction: str) -> np.ndarray:

@@ -1,13 +1,34 @@
 """Policies that need no training: full depth, a static exit layer, a confidence threshold, an
-answer-option margin, and the answer-option margin read off the SimLens continuation."""
+answer-option margin, and the answer-option margin read off the SimLens continuation.
+
+The static layer, the threshold and the margin read a stopping row's answer through the lens by
+default; ``readout=continuation`` reads it off the SimLens continuation instead (the cheap check
+decides, the carry answers: the study's ``simlens_static`` and ``margin_simlens``)."""
 
 from __future__ import annotations
 
 import torch
 
-from adainfer_lmeval.core.exit_policy import ExitPolicy, ModelIdentity
+from adainfer_lmeval.core.exit_policy import EXIT_READOUTS, ExitPolicy, ModelIdentity
 from adainfer_lmeval.errors import AdaInferError
 from adainfer_lmeval.policies.registry import register_policy
+
+
+READOUT_PARAM = {"readout": (str, "where a stopping row's answer is read: lens (default; the exit layer's states through the "
+                                  "final norm and head) or continuation (SimLens: its positions carried on to the last layer)")}
+
+
+class ReadoutChoice:
+    """A rule whose exit answer can be read through the lens or off the continuation (``readout``)."""
+
+    def _set_readout(self, readout: str) -> None:
+        if readout not in EXIT_READOUTS:
+            raise AdaInferError(f"readout={readout!r} for policy={self.name}: choose one of {', '.join(EXIT_READOUTS)}")
+        self.exit_readout = readout
+
+    def _described(self, described: dict) -> dict:
+        """``described`` with the read-out when it is not the lens (older results stay as they were)."""
+        return described if self.exit_readout == "lens" else {**described, "exit_readout": self.exit_readout}
 
 
 @register_policy("full")
@@ -25,18 +46,19 @@ class FullDepth(ExitPolicy):
 
 
 @register_policy("static")
-class StaticLayer(ExitPolicy):
-    """Always stop after layer ``layer``: the logit lens at a fixed depth."""
+class StaticLayer(ReadoutChoice, ExitPolicy):
+    """Always stop after layer ``layer``: the logit lens at a fixed depth (plain layer pruning)."""
 
-    params = {"layer": (int, "exit layer, 1..num_layers")}
+    params = {"layer": (int, "exit layer, 1..num_layers"), **READOUT_PARAM}
 
-    def __init__(self, layer: int | None = None):
+    def __init__(self, layer: int | None = None, readout: str = "lens"):
         if layer is None:
             raise AdaInferError("policy=static needs layer=K (1..num_layers), e.g. policy=static,layer=12")
         if layer < 1:
             raise AdaInferError(f"layer={layer} must be >= 1 (layer 0 is the embeddings)")
         self.layer = layer
         self.min_layer = layer
+        self._set_readout(readout)
 
     def consults_at(self, layer: int, num_layers: int) -> bool:
         return layer == self.layer and layer < num_layers
@@ -49,20 +71,21 @@ class StaticLayer(ExitPolicy):
         return torch.ones(history.shape[0], dtype=torch.bool, device=history.device)
 
     def describe(self) -> dict:
-        return {"name": self.name, "layer": self.layer}
+        return self._described({"name": self.name, "layer": self.layer})
 
 
 @register_policy("threshold")
-class ConfidenceThreshold(ExitPolicy):
+class ConfidenceThreshold(ReadoutChoice, ExitPolicy):
     """Stop at the first layer (>= min_layer) whose gap, or top prob, reaches the threshold."""
 
     params = {
         "gap": (float, "stop when p1 - p2 >= gap"),
         "top_prob": (float, "stop when p1 >= top_prob"),
         "min_layer": (int, "first layer that may exit (default 1)"),
+        **READOUT_PARAM,
     }
 
-    def __init__(self, gap: float | None = None, top_prob: float | None = None, min_layer: int = 1):
+    def __init__(self, gap: float | None = None, top_prob: float | None = None, min_layer: int = 1, readout: str = "lens"):
         if (gap is None) == (top_prob is None):
             raise AdaInferError("policy=threshold needs exactly one of gap=τ or top_prob=τ, e.g. policy=threshold,gap=0.8")
         threshold = gap if gap is not None else top_prob
@@ -74,17 +97,18 @@ class ConfidenceThreshold(ExitPolicy):
         self.features = (self.feature,)
         self.threshold = float(threshold)
         self.min_layer = int(min_layer)
+        self._set_readout(readout)
 
     def decide(self, layer, num_layers, history):
         return history[:, layer, 0] >= self.threshold
 
     def describe(self) -> dict:
         key = "gap" if self.feature == "gap" else "top_prob"
-        return {"name": self.name, key: self.threshold, "min_layer": self.min_layer}
+        return self._described({"name": self.name, key: self.threshold, "min_layer": self.min_layer})
 
 
 @register_policy("margin")
-class OptionMargin(ExitPolicy):
+class OptionMargin(ReadoutChoice, ExitPolicy):
     """Stop at the first layer (>= min_layer) where the answer options' margin reaches τ.
 
     The margin is the top minus the second probability of a softmax over the group's options'
@@ -95,10 +119,11 @@ class OptionMargin(ExitPolicy):
     params = {
         "margin": (float, "stop when the options' top probability minus the second's >= margin"),
         "min_layer": (int, "first layer that may exit (default 1)"),
+        **READOUT_PARAM,
     }
     features = ("margin",)
 
-    def __init__(self, margin: float | None = None, min_layer: int = 1):
+    def __init__(self, margin: float | None = None, min_layer: int = 1, readout: str = "lens"):
         if margin is None:
             raise AdaInferError("policy=margin needs margin=τ (0..1), e.g. policy=margin,margin=0.6,min_layer=8")
         if not 0.0 <= margin <= 1.0:
@@ -107,12 +132,13 @@ class OptionMargin(ExitPolicy):
             raise AdaInferError(f"min_layer={min_layer} must be >= 1 (layer 0 is the embeddings)")
         self.margin = float(margin)
         self.min_layer = int(min_layer)
+        self._set_readout(readout)
 
     def decide(self, layer, num_layers, history):
         return history[:, layer, 0] >= self.margin  # NaN (fewer than two options) never stops
 
     def describe(self) -> dict:
-        return {"name": self.name, "margin": self.margin, "min_layer": self.min_layer}
+        return self._described({"name": self.name, "margin": self.margin, "min_layer": self.min_layer})
 
 
 @register_policy("simlens")
@@ -132,10 +158,7 @@ class ContinuationMargin(OptionMargin):
         "min_layer": (int, "first layer that may exit (default 1)"),
     }
     features = ("continuation_margin",)
-    exit_readout = "continuation"
+    exit_readout = "continuation"  # always (training reads it off the class, as the engine off the instance)
 
     def __init__(self, margin: float = 0.9, min_layer: int = 1):
-        super().__init__(margin, min_layer)
-
-    def describe(self) -> dict:
-        return {**super().describe(), "exit_readout": self.exit_readout}
+        super().__init__(margin, min_layer, readout="continuation")

@@ -1,14 +1,18 @@
-"""A calibrated answer-option margin: kind ``margin``, run as the ``policy=margin`` rule.
+"""Calibrated answer-option margins: kind ``margin``, run as the ``policy=margin`` rule, and kind
+``simlens``, run as the ``policy=simlens`` rule (the margin read off the SimLens continuation,
+the answer too).
 
-The rule (:class:`~adainfer_lmeval.policies.rules.OptionMargin`) needs no training; its file
-holds only the operating point training chose for it (τ, ``min_layer``, under the guarantee of
+The rules (:class:`~adainfer_lmeval.policies.rules.OptionMargin`,
+:class:`~adainfer_lmeval.policies.rules.ContinuationMargin`) need no training; a file holds only
+the operating point training chose for its rule (τ, ``min_layer``, under the guarantee of
 :mod:`adainfer_lmeval.experiments.calibration`) and where that came from. Loaded with
 ``policy=file,path=...`` (or ``policy=<path>``), it is the rule ``policy=margin,margin=τ,min_layer=m``
-checked against the model it was calibrated on.
+(or ``policy=simlens,...``) checked against the model it was calibrated on.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -16,16 +20,17 @@ import torch
 from adainfer_lmeval.errors import AdaInferError
 from adainfer_lmeval.policies import files as pf
 from adainfer_lmeval.policies.learned.base import LearnedKind, LearnedPolicy, read_policy, register_kind
-from adainfer_lmeval.policies.rules import OptionMargin
+from adainfer_lmeval.policies.rules import ContinuationMargin, OptionMargin
 
 
-class MarginFile(OptionMargin):
-    """A ``kind: margin`` policy file as the ``policy=margin`` rule at the file's operating point."""
+class RuleFile:
+    """A rule-kind policy file as its rule at the file's operating point (mixed in before the rule)."""
 
     params = LearnedPolicy.params
+    file_kind = ""
 
     def __init__(self, path: str, threshold: float | None = None, min_layer: int | None = None):
-        _, meta = read_policy(path)  # reached through policy=file, which found kind margin in it
+        _, meta = read_policy(path)  # reached through policy=file, which found this kind in it
         super().__init__(margin=meta["threshold"] if threshold is None else threshold,
                          min_layer=meta["min_layer"] if min_layer is None else min_layer)
         self.meta, self.source = meta, str(path)
@@ -35,9 +40,21 @@ class MarginFile(OptionMargin):
         super().bind(model)
 
     def describe(self) -> dict:
-        return {**super().describe(), "kind": MarginKind.kind, "file": self.source,
+        return {**super().describe(), "kind": self.file_kind, "file": self.source,
                 "trained_for": self.meta["model"]["name"],
                 "data_sha256": (self.meta.get("training") or {}).get("data_sha256")}
+
+
+class MarginFile(RuleFile, OptionMargin):
+    """A ``kind: margin`` policy file as the ``policy=margin`` rule at the file's operating point."""
+
+    file_kind = "margin"
+
+
+class SimLensFile(RuleFile, ContinuationMargin):
+    """A ``kind: simlens`` policy file as the ``policy=simlens`` rule at the file's operating point."""
+
+    file_kind = "simlens"
 
 
 @register_kind("margin", policy=MarginFile)
@@ -55,10 +72,11 @@ class MarginKind(LearnedKind):
 
     @classmethod
     def check_dict(cls, path: Path, meta: dict) -> None:
-        if meta["features"] != ["margin"]:
-            raise AdaInferError(f"{path}: corrupt policy file (a margin policy reads \"features\": [\"margin\"])")
+        reads = list(cls.policy.features)
+        if meta["features"] != reads:
+            raise AdaInferError(f"{path}: corrupt policy file (a {cls.kind} policy reads \"features\": {json.dumps(reads)})")
         if not 0 <= meta["threshold"] <= cls.max_threshold:
-            raise AdaInferError(f"{path}: corrupt policy file (a margin threshold is between 0 and 1)")
+            raise AdaInferError(f"{path}: corrupt policy file (a {cls.kind} threshold is between 0 and 1)")
 
     @classmethod
     def from_dict(cls, meta: dict, path: Path | None = None) -> "MarginKind":
@@ -69,3 +87,10 @@ class MarginKind(LearnedKind):
 
     def step(self, state, x: torch.Tensor):
         return None, x[:, 0].to(torch.float64)
+
+
+@register_kind("simlens", policy=SimLensFile)
+class SimLensKind(MarginKind):
+    """The option margin read off the SimLens continuation as its own score; the answer is read there too."""
+
+    score_meaning = "answer-option margin at the continuation's last layer (top minus second option probability)"
