@@ -148,6 +148,12 @@ def exit_layers(scores: np.ndarray, threshold: float, min_layer: int) -> np.ndar
     return np.where(stop.any(1), stop.argmax(1) + 1, m + 1)
 
 
+def first_consulted(min_layer: int, num_layers: int, chain_start: int | None = None) -> int:
+    """The first layer a policy consults: ``min_layer``, or a chain's start before it (a chain
+    reads every layer from there), but a policy that can stop nowhere reads none."""
+    return min_layer if chain_start is None or min_layer >= num_layers else min(chain_start, min_layer)
+
+
 def evaluate(data, exits: np.ndarray, readout: Readout | None = None, min_layer: int = 1) -> dict:
     """Accuracy, agreement with full depth and layers saved of ``data`` exiting at ``exits``, read
     by ``readout`` (default: the lens) consulted from ``min_layer``: layers saved count its cost."""
@@ -200,8 +206,7 @@ def calibrate(data, scores: np.ndarray, tolerance: float = 0.01, n_thresholds: i
     never = float(finite_scores.max() + 1.0) if finite_scores.size else 1.0
     if max_threshold is not None:
         never = min(never, max_threshold)
-    # A chain reads every layer from its start, but a policy that can stop nowhere reads none.
-    first_check = lambda m: m if chain_start is None or m >= L else min(chain_start, m)  # noqa: E731
+    first_check = lambda m: first_consulted(m, L, chain_start)  # noqa: E731
     readout = Readout.lens(data) if readout is None else readout
 
     def point_at(threshold: float, min_layer: int, exits: np.ndarray) -> dict:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from adainfer_lmeval.core.features import continuation_signals
-from adainfer_lmeval.experiments.calibration import Readout, calibrate, evaluate_outcome, exit_layers
+from adainfer_lmeval.experiments.calibration import Readout, calibrate, evaluate_outcome, exit_layers, first_consulted
 from adainfer_lmeval.experiments.training_data import LABEL_MODES, PREDICTIONS, Data, fold_of, layer_features, make_labels
 from adainfer_lmeval.policies.learned.base import LearnedKind, learned_kind
 
@@ -74,7 +74,7 @@ def cross_validate(data: Data, y: np.ndarray, kind: str, cols: list[int], tolera
                    seed: int, criterion: str = "accuracy", check_cost: float = 0.0, max_changed: float = 0.01,
                    confidence: float = 0.95, readout=Readout.lens, **kw) -> dict:
     """Held-out figures: each document's exit from a policy fitted (and calibrated) without it,
-    its answer and read-out cost by ``readout`` from its fold's ``min_layer``."""
+    its answer and read-out cost by ``readout`` from the first layer its fold's point consults."""
     folds = fold_of(data.keys, k_outer, seed)
     outcome = readout(data).outcome(np.full(len(data.keys), data.num_layers), data.num_layers)  # none exits
     for f in range(k_outer):
@@ -85,7 +85,8 @@ def cross_validate(data: Data, y: np.ndarray, kind: str, cols: list[int], tolera
                                    check_cost, max_changed, confidence, readout, **kw)
         held = data.subset(test)
         exits = exit_layers(classifier_scores(params, held, cols), point["threshold"], point["min_layer"])
-        fold = readout(held).outcome(exits, point["min_layer"])
+        # counted from the first layer it consults, as calibration counts (a CRF's chain: its start)
+        fold = readout(held).outcome(exits, first_consulted(point["min_layer"], data.num_layers, learned_kind(kind).seq_start))
         outcome.exits[test], outcome.answers[test], outcome.extra_layers[test] = fold.exits, fold.answers, fold.extra_layers
     result = evaluate_outcome(data, outcome)
     result["exits"] = outcome.exits
