@@ -58,6 +58,10 @@ TASKS = [stt.StudyTask.parse(t) for t in ("sst2", "sst2@4", "arc_easy", "boolq")
 DEPTHS = {"small": 6, "deep": 9}
 
 
+def plan(tasks=TASKS) -> list:
+    return [stt.StudyModel(model, 24, tuple(tasks)) for model in DEPTHS]
+
+
 def synthetic_collections() -> dict:
     out = {}
     for m, (model, L) in enumerate(DEPTHS.items()):
@@ -87,7 +91,24 @@ def test_study_tasks():
     assert parse("sst2@4:200") == stt.StudyTask("sst2", 4, 200)
     assert parse("sst2@4:200").label == "sst2@4"
     assert [parse(t).n_docs(40) for t in ("sst2", "sst2:200", "sst2@4:x2.5")] == [40, 200, 100]
-    assert stt.parse_models("a:10,b") == {"a": 10, "b": 60}
+
+
+def test_study_plan_groups_models_with_their_tasks():
+    a, b = stt.parse_plan("a:10,b", "sst2,arc_easy@3:20")
+    assert (a.name, a.docs, b.name, b.docs) == ("a", 10, "b", 60)
+    assert a.tasks == b.tasks == (stt.StudyTask("sst2"), stt.StudyTask("arc_easy", 3, 20))
+    small, big = stt.parse_plan("small:80;big:150", "sst2,piqa;mmlu")  # the i-th group runs the i-th tasks
+    assert [t.label for t in small.tasks] == ["sst2@0", "piqa@0"] and [t.label for t in big.tasks] == ["mmlu@0"]
+    assert [m.tasks for m in stt.parse_plan("a;b", "sst2")] == [(stt.StudyTask("sst2"),)] * 2  # one group serves all
+    assert [(m.name, [t.label for t in m.tasks]) for m in stt.parse_plan(stt.DEFAULT_STUDY_MODELS, stt.DEFAULT_STUDY_TASKS)] == [
+        ("smollm2-135m", ["sst2@0", "sst2@4", "arc_easy@0", "piqa@0"]),
+        ("qwen2.5-coder-0.5b", ["sst2@0", "sst2@4", "arc_easy@0", "piqa@0"]), ("qwen2.5-coder-1.5b", ["mmlu@0", "sst2@4"])]
+    with pytest.raises(AdaInferError, match="one task group per model group"):
+        stt.parse_plan("a;b;c", "sst2;piqa")
+    with pytest.raises(AdaInferError, match="names a model twice"):
+        stt.parse_plan("a;a", "sst2;piqa")
+    with pytest.raises(AdaInferError, match="bad model spec 'a:many'"):
+        stt.parse_plan("a:many", "sst2")
 
 
 def test_sst2_halves_partition_and_sampling_never_crosses():
@@ -108,7 +129,7 @@ def test_sst2_halves_partition_and_sampling_never_crosses():
 
 def test_training_sets_never_hold_the_test_task():
     collections = synthetic_collections()
-    sets = stt.training_sets(collections, list(DEPTHS), TASKS)
+    sets = stt.training_sets(collections, plan())
     for (model, task, setting), data in sets.items():
         test = collections[(model, task, "test")]
         name = task.split("@")[0]
@@ -197,7 +218,7 @@ def test_run_study_rows():
     collections = synthetic_collections()
     models = list(DEPTHS)
     policies = ("svm", "threshold", "margin", "static")
-    result = run_study(collections, models, TASKS, sp.CalibrationRules(inner_folds=2), policies=policies, log=lambda m: None)
+    result = run_study(collections, plan(), sp.CalibrationRules(inner_folds=2), policies=policies, log=lambda m: None)
     rows = result["rows"]
     per_cell = 2 + len(policies) * len(sp.TRAINING_SETTINGS) * len(CRITERIA)  # full, oracle + policies x settings x criteria
     assert len(rows) == len(models) * len(TASKS) * per_cell
@@ -243,9 +264,44 @@ def test_run_study_rows():
         assert h["acc"] >= full["full_acc"] - 0.01 - 1e-9 and 0 <= h["layers_saved"] < 1
 
 
+def test_a_model_with_its_own_tasks_gets_inter_model_rows_from_every_model_that_ran_the_task():
+    collections = synthetic_collections()
+    big_tasks = (TASKS[1], TASKS[3])  # sst2@4 and boolq only
+    for t, task in enumerate(big_tasks):
+        for r, role in enumerate(stt.ROLES):
+            ids = [i for i in range(200) if stt.sst2_half(i) == role][:30] if task.name == "sst2" else range(24)
+            collections[("big", task.label, role)] = synthetic(task.label, task.source(role), len(ids), 12, 500 + 10 * t + r, ids, "big")
+    study = plan() + [stt.StudyModel("big", 24, big_tasks)]
+    result = run_study(collections, study, sp.CalibrationRules(inner_folds=2), policies=("margin",), log=lambda m: None)
+    rows = [r for r in result["rows"] if r["setting"] == "inter-model" and r["criterion"] == "agreement"]
+    sources = {(r["model"], r["task"], r["shots"]): set() for r in rows}
+    for r in rows:
+        sources[(r["model"], r["task"], r["shots"])].add(r["trained_model"])
+    assert {cell for cell in sources if cell[0] == "big"} == {("big", "sst2", 4), ("big", "boolq", 0)}
+    assert sources[("big", "sst2", 4)] == {"small", "deep"}
+    assert sources[("small", "sst2", 4)] == {"deep", "big"} and sources[("small", "arc_easy", 0)] == {"deep"}
+    for r in rows:  # each row is its source's intra-task point, min_layer moved by relative depth
+        source = next(s for s in result["rows"] if (s["model"], s["task"], s["shots"], s["setting"], s["criterion"])
+                      == (r["trained_model"], r["task"], r["shots"], "intra", "agreement"))
+        depth = {**DEPTHS, "big": 12}
+        assert r["min_layer"] == sp.map_point(source, depth[r["trained_model"]], depth[r["model"]])["min_layer"]
+    tables = sr.markdown_tables(result)
+    assert not any(r["model"] == "big" and r["task"] == "arc_easy" for r in result["rows"])
+    for criterion in sr.REPORTED_CRITERIA:  # the inter-model table: one line per cell and source model
+        section = tables.split(f"### Operating point `{criterion}`")[1].split("#### inter-model")[1].split("Mean over")[0]
+        assert section.count("| big | small | sst2 | 4 |") == section.count("| big | deep | sst2 | 4 |") == 1
+        small = [line.split(" | ")[1:4] for line in section.splitlines() if line.startswith("| small |")]
+        assert small == [["deep", "arc_easy", "0"], ["big", "boolq", "0"], ["deep", "boolq", "0"], ["deep", "sst2", "0"],
+                         ["big", "sst2", "4"], ["deep", "sst2", "4"]]
+    summary = [s for s in sr.summary_rows(result["rows"], "agreement") if (s["policy"], s["setting"]) == ("margin", "inter-model")]
+    above = [r for r in rows if not r["at_chance"]]
+    assert summary[0]["cells"] == len(above)
+    assert summary[0]["mean_layers_saved"] == pytest.approx(np.mean([r["layers_saved"] for r in above]))
+
+
 def test_write_outputs(tmp_path):
     collections = synthetic_collections()
-    result = run_study(collections, list(DEPTHS), TASKS[:3], sp.CalibrationRules(inner_folds=2), policies=("threshold", "static"),
+    result = run_study(collections, plan(TASKS[:3]), sp.CalibrationRules(inner_folds=2), policies=("threshold", "static"),
                        log=lambda m: None)
     written = sr.write_outputs(result, tmp_path, {"command": "python -m adainfer_lmeval.experiments.study test", "seconds": 1.0})
     assert {p.name for p in written} == {"results.json", "results.csv", "report.md", "accuracy_vs_layers_saved.png"}

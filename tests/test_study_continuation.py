@@ -147,7 +147,7 @@ def test_schema_2_collections_load_with_and_without_the_continuation(tiny_models
     for role in stt.ROLES:  # load_collections reads both roles
         if role != "test":
             stt.collection_path(tmp_path, "toy", task, role).write_bytes(path.read_bytes())
-    old = stt.load_collections(tmp_path, ["toy"], [task])[("toy", "sst2@0", "test")]
+    old = stt.load_collections(tmp_path, [stt.StudyModel("toy", 4, (task,))])[("toy", "sst2@0", "test")]
     assert old.continuation is None and old.num_layers == 4
     assert not sp.has_readout("simlens", old) and sp.has_readout("margin", old)
 
@@ -155,7 +155,7 @@ def test_schema_2_collections_load_with_and_without_the_continuation(tiny_models
     written = {"continuation_schema_version": 1, "data_sha256": "abc"}
     table = continuation_table(examples, reads).replace_schema_metadata({b"adainfer": json.dumps(written).encode()})
     pq.write_table(table, continuation_path(path))
-    new = stt.load_collections(tmp_path, ["toy"], [task])
+    new = stt.load_collections(tmp_path, [stt.StudyModel("toy", 4, (task,))])
     loaded = new[("toy", "sst2@0", "test")]
     assert new[("toy", "sst2@0", "train")].continuation is None  # no read-out beside that one
     np.testing.assert_array_equal(loaded.feats, old.feats)  # the collection itself is read as before
@@ -167,7 +167,7 @@ def test_schema_2_collections_load_with_and_without_the_continuation(tiny_models
 
     meta["data_sha256"] = "another collection"
     pq.write_table(examples_table(examples).replace_schema_metadata({b"adainfer": json.dumps(meta).encode()}), path)
-    assert stt.load_collections(tmp_path, ["toy"], [task])[("toy", "sst2@0", "test")].continuation is None
+    assert stt.load_collections(tmp_path, [stt.StudyModel("toy", 4, (task,))])[("toy", "sst2@0", "test")].continuation is None
 
 
 # ---- the policies, on synthetic read-outs -------------------------------------------------------
@@ -259,7 +259,7 @@ def test_run_study_continuation_rows_by_hand():
                    for t, task in enumerate(tasks) for r, role in enumerate(stt.ROLES)}
     # one training collection without the read-out: the fits that train on it are left out
     collections[("toy", "arc_easy@0", "train")].continuation = None
-    result = run_study(collections, ["toy"], tasks, sp.CalibrationRules(inner_folds=2),
+    result = run_study(collections, [stt.StudyModel("toy", 50, tuple(tasks))], sp.CalibrationRules(inner_folds=2),
                        policies=("margin", *sp.CONTINUATION_POLICIES), log=lambda m: None)
     rows = [r for r in result["rows"] if r["policy"] in sp.CONTINUATION_POLICIES]
     assert {(r["task"], r["setting"]) for r in rows} == {("sst2", "intra"), ("arc_easy", "inter-task")}

@@ -1,8 +1,10 @@
 """The paper's study: full depth vs SVM, CRF, gap threshold, option margin, static depth and the oracle.
 
     python -m adainfer_lmeval.experiments.study --out reports/study \\
-        --models smollm2-135m:80,qwen2.5-coder-0.5b:40 \\
-        --tasks sst2:x2.5,sst2@4:x2.5,arc_easy,boolq,piqa,openbookqa,commonsense_qa --threads 1
+        --models "smollm2-135m:80,qwen2.5-coder-0.5b:40;qwen2.5-coder-1.5b:150" \\
+        --tasks "sst2:x2.5,sst2@4:x2.5,arc_easy,piqa;mmlu,sst2@4:100" --threads 1
+
+(the i-th ``;`` group of models runs the i-th group of tasks).
 
 Two steps, both resumable:
 
@@ -29,14 +31,14 @@ from pathlib import Path
 
 from adainfer_lmeval.errors import AdaInferError
 from adainfer_lmeval.experiments.study_policies import LABEL, CalibrationRules
-from adainfer_lmeval.experiments.study_tasks import DEFAULT_STUDY_MODELS, DEFAULT_STUDY_TASKS, StudyTask, parse_models
+from adainfer_lmeval.experiments.study_tasks import DEFAULT_STUDY_MODELS, DEFAULT_STUDY_TASKS, parse_plan
 from adainfer_lmeval.offline.pypi import package_versions
 
 
-def _backend_check(args, models, tasks, fitted, collections) -> dict:
+def _backend_check(args, plan, fitted, collections) -> dict:
     from adainfer_lmeval.experiments.study_backend import BACKEND_POLICIES, backend_check
 
-    model, task = next(iter(models)), tasks[0]
+    model, task = plan[0].name, plan[0].tasks[0]
     keys = {p: (model, task.label, "intra", p) for p in BACKEND_POLICIES}  # SimLens ones only where read out
     policies = {p: fitted[key] for p, key in keys.items() if key in fitted}
     report = backend_check(model, task, args.check_docs, policies, collections[(model, task.label, "train")],
@@ -50,8 +52,8 @@ def _backend_check(args, models, tasks, fitted, collections) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m adainfer_lmeval.experiments.study", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default=DEFAULT_STUDY_MODELS, help="model[:docs per task and role], comma-separated")
-    parser.add_argument("--tasks", default=DEFAULT_STUDY_TASKS, help="task[@shots][:docs], comma-separated")
+    parser.add_argument("--models", default=DEFAULT_STUDY_MODELS, help="model[:docs per task and role], comma-separated; ';' separates groups")
+    parser.add_argument("--tasks", default=DEFAULT_STUDY_TASKS, help="task[@shots][:docs], comma-separated; the i-th ';' group serves the i-th group of --models")
     parser.add_argument("--seed", type=int, default=0, help="document sampling and SST-2 split seed")
     parser.add_argument("--collect-dir", type=Path, default=Path("out/study/collect"))
     parser.add_argument("--collect-only", action="store_true", help="collect the feature files and stop")
@@ -77,21 +79,20 @@ def main(argv: list[str] | None = None) -> int:
         from adainfer_lmeval.experiments.study_report import write_outputs
         from adainfer_lmeval.experiments.study_tasks import collect_all, load_collections
 
-        models = parse_models(args.models)
-        tasks = [StudyTask.parse(t) for t in args.tasks.split(",") if t]
+        plan = parse_plan(args.models, args.tasks)
         rules = CalibrationRules(args.tolerance, args.max_changed, args.confidence, args.inner_folds, args.seed)
         print(f"collecting into {args.collect_dir} (missing files only) ...", flush=True)
-        collect_all(models, tasks, args.collect_dir, args.seed, log=lambda m: print(m, flush=True),
+        collect_all(plan, args.collect_dir, args.seed, log=lambda m: print(m, flush=True),
                     continuation=not args.no_continuation)
         if args.collect_only:
             print(f"collected in {time.time() - started:.0f}s")
             return 0
         t0 = time.time()
-        collections = load_collections(args.collect_dir, list(models), tasks)
+        collections = load_collections(args.collect_dir, plan)
         fitted: dict = {}
-        result = run_study(collections, list(models), tasks, rules, log=lambda m: print(m, flush=True), fitted_out=fitted)
+        result = run_study(collections, plan, rules, log=lambda m: print(m, flush=True), fitted_out=fitted)
         seconds = time.time() - t0
-        check = _backend_check(args, models, tasks, fitted, collections) if args.check_docs else None
+        check = _backend_check(args, plan, fitted, collections) if args.check_docs else None
         meta = {
             "command": "python -m adainfer_lmeval.experiments.study " + " ".join(shlex.quote(a) for a in argv),
             "seconds": seconds, "tolerance": args.tolerance, "max_changed": args.max_changed, "confidence": args.confidence,

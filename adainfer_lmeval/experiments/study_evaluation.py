@@ -8,8 +8,9 @@ from them (:func:`~adainfer_lmeval.experiments.study_policies.document_outcomes`
 ``full``, ``oracle`` (hindsight), and every policy of
 :data:`~adainfer_lmeval.experiments.study_policies.STUDY_POLICIES` in three settings:
 **intra-task** (calibrated, and for SVM/CRF fitted, on this task's training documents),
-**inter-task** (on the training documents of every *other* task) and **inter-model** (the other
-model's intra-task policy, its ``min_layer`` moved by relative depth).
+**inter-task** (on the training documents of every *other* task) and **inter-model** (each other
+model's intra-task policy for the same task, one row per source model, its ``min_layer`` moved
+by relative depth).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from adainfer_lmeval.experiments.study_policies import (
     STATIC_RULES, STUDY_POLICIES, CalibrationRules, at_chance, fit_study_policy, has_readout, layer_scores, map_point,
     oracle_exits, policy_readout,
 )
-from adainfer_lmeval.experiments.study_tasks import StudyTask, training_sets
+from adainfer_lmeval.experiments.study_tasks import StudyModel, training_sets
 
 
 def standard_errors(data, outcome: Outcome) -> dict:
@@ -38,9 +39,9 @@ def standard_errors(data, outcome: Outcome) -> dict:
             "layers_saved_se": sem(1 - outcome.layers_run / L)}
 
 
-def _fit_all(collections, models, tasks, rules, policies, log) -> dict:
+def _fit_all(collections, plan, rules, policies, log) -> dict:
     fitted = {}
-    for (model, task, setting), train in training_sets(collections, models, tasks, rules.seed).items():
+    for (model, task, setting), train in training_sets(collections, plan, rules.seed).items():
         for policy in [p for p in policies if has_readout(p, train)]:
             t0 = time.time()
             fitted[(model, task, setting, policy)] = fit_study_policy(train, policy, rules)
@@ -54,7 +55,7 @@ def _guarantee_fields(point: dict) -> dict:
             "path_confidence": point.get("path_confidence")}
 
 
-def run_study(collections: dict, models: list[str], tasks: list[StudyTask], rules: CalibrationRules = CalibrationRules(),
+def run_study(collections: dict, plan: list[StudyModel], rules: CalibrationRules = CalibrationRules(),
               policies=STUDY_POLICIES, log=print, fitted_out: dict | None = None) -> dict:
     """Every row of the study (and the sweep curves for the plot), from the collections.
 
@@ -62,12 +63,13 @@ def run_study(collections: dict, models: list[str], tasks: list[StudyTask], rule
     """
     from adainfer_lmeval.experiments.calibration import calibrate, evaluate, exit_layers
 
-    fitted = _fit_all(collections, models, tasks, rules, policies, log)
+    fitted = _fit_all(collections, plan, rules, policies, log)
     if fitted_out is not None:
         fitted_out.update(fitted)
     rows, curves, hindsight = [], [], []
-    for model in models:
-        for task in tasks:
+    for study_model in plan:
+        model = study_model.name
+        for task in study_model.tasks:
             test = collections[(model, task.label, "test")]
             L, n = test.num_layers, len(test.keys)
             full = evaluate(test, np.full(n, L))
@@ -92,7 +94,7 @@ def run_study(collections: dict, models: list[str], tasks: list[StudyTask], rule
                 readout = policy_readout(policy, test)
                 sources = [(s, fitted.get((model, task.label, s, policy)), model) for s in ("intra", "inter-task")]
                 sources += [("inter-model", fitted.get((other, task.label, "intra", policy)), other)
-                            for other in models if other != model]
+                            for other in (m.name for m in plan) if other != model]
                 for setting, fit, trained_model in sources:
                     if fit is None:
                         continue

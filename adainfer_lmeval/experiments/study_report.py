@@ -76,21 +76,27 @@ def _criterion_tables(rows: list[dict], criterion: str) -> list[str]:
              "the SimLens policies, cont.: the continuation's carries in % of the model's depth, counted in the layers "
              "saved). `-`: not evaluated (no continuation read-out collected for the cell).", ""]
     for setting in [s for s in TRAINING_SETTINGS if any(r["setting"] == s for r in rows)]:
+        inter_model = setting == "inter-model"  # a row per model the policies came from
         lines += [f"#### {setting}", ""]
-        header = ["model", "task", "shots", "n", "chance", "full", "oracle", *STUDY_POLICIES, "note"]
+        header = ["model", *(["policies from"] if inter_model else []), "task", "shots", "n", "chance", "full", "oracle",
+                  *STUDY_POLICIES, "note"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for model, task, shots in _cells(rows):
             mine = [r for r in rows if (r["model"], r["task"], r["shots"]) == (model, task, shots)]
-            pick = {(r["policy"], r["setting"]): r for r in mine if r["criterion"] in (criterion, "-")}
-            full, oracle = pick[("full", "-")], pick[("oracle", "-")]
-            lines.append("| " + " | ".join([
-                model, task, str(shots), str(full["n_test"]), _pct(full["chance"]), _pct(full["full_acc"]),
-                f"{_pct(oracle['acc'])} / {_pct(oracle['layers_saved'])}",
-                *[_cell_text(pick.get((p, setting))) for p in STUDY_POLICIES], "AT CHANCE" if full["at_chance"] else "",
-            ]) + " |")
+            full, oracle = (next(r for r in mine if r["policy"] == p) for p in ("full", "oracle"))
+            sources = sorted({r["trained_model"] for r in mine if r["setting"] == setting}) if inter_model else [model]
+            for source in sources:
+                pick = {r["policy"]: r for r in mine if r["setting"] == setting and r["criterion"] == criterion
+                        and r["trained_model"] == source}
+                lines.append("| " + " | ".join([
+                    model, *([source] if inter_model else []), task, str(shots), str(full["n_test"]), _pct(full["chance"]),
+                    _pct(full["full_acc"]), f"{_pct(oracle['acc'])} / {_pct(oracle['layers_saved'])}",
+                    *[_cell_text(pick.get(p)) for p in STUDY_POLICIES], "AT CHANCE" if full["at_chance"] else "",
+                ]) + " |")
         lines.append("")
     passed = " | cells passed" if criterion == "guarantee" else ""
-    lines += ["Mean over the cells *above chance* (a saving at chance proves nothing), ± standard error over documents:", "",
+    lines += ["Mean over the cells *above chance* (a saving at chance proves nothing), ± standard error over documents "
+              "(inter-model: over every cell and model the policies came from):", "",
               f"| policy | setting | cells | mean layers saved % | continuation % of depth (counted in the saving) | mean Δ points | worst Δ | cells within 1 pt | cells with ≥14.8% saved within 1 pt{passed} |",
               "|---|---|---|---|---|---|---|---|---|" + ("---|" if passed else "")]
     for s in summary_rows(rows, criterion):

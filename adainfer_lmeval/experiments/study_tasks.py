@@ -26,8 +26,10 @@ TRAIN_TASKS = {
 }
 SPLIT_ON_VALIDATION = ("sst2",)  # no train split offline: split the evaluated set in two halves
 ROLES = ("train", "test")
-DEFAULT_STUDY_TASKS = "sst2:x2.5,sst2@4:x2.5,arc_easy,boolq,piqa,openbookqa,commonsense_qa"
-DEFAULT_STUDY_MODELS = "smollm2-135m:80,qwen2.5-coder-0.5b:40"
+# the small models on the tasks that hold their cells above chance; Qwen-1.5B on MMLU (its
+# cost per document is 3x Qwen-0.5B's) and SST-2 4-shot
+DEFAULT_STUDY_MODELS = "smollm2-135m:80,qwen2.5-coder-0.5b:40;qwen2.5-coder-1.5b:150"
+DEFAULT_STUDY_TASKS = "sst2:x2.5,sst2@4:x2.5,arc_easy,piqa;mmlu,sst2@4:100"
 
 
 @dataclass(frozen=True)
@@ -84,15 +86,40 @@ def doc_filter_for(task: StudyTask, role: str, seed: int = 0):
     return lambda _name, doc_id: sst2_half(doc_id, seed) == role
 
 
-def parse_models(text: str) -> dict[str, int]:
-    out = {}
-    for item in [t for t in text.split(",") if t]:
-        name, _, docs = item.partition(":")
-        try:
-            out[name] = int(docs) if docs else 60
-        except ValueError:
-            raise AdaInferError(f"bad model spec {item!r}: use name or name:docs, e.g. smollm2-135m:80") from None
-    return out
+@dataclass(frozen=True)
+class StudyModel:
+    """A model of the study: its documents per task and role (before a task's own ``:docs``)
+    and the tasks it runs."""
+
+    name: str
+    docs: int
+    tasks: tuple[StudyTask, ...]
+
+
+def parse_plan(models: str, tasks: str) -> list[StudyModel]:
+    """The study's models and their tasks from ``--models`` / ``--tasks``.
+
+    Both may hold ``;``-separated groups: the i-th group of models runs the i-th group of tasks
+    (so that a larger model can run only the tasks it is worth its CPU time on); one task group
+    serves every model group.
+    """
+    model_groups, task_groups = models.split(";"), tasks.split(";")
+    if len(task_groups) not in (1, len(model_groups)):
+        raise AdaInferError(f"--models has {len(model_groups)} ';'-separated groups but --tasks has {len(task_groups)}: "
+                            "give one task group per model group, or one for all")
+    plan = []
+    for i, group in enumerate(model_groups):
+        study_tasks = tuple(StudyTask.parse(t) for t in task_groups[i if len(task_groups) > 1 else 0].split(",") if t.strip())
+        for item in [t.strip() for t in group.split(",") if t.strip()]:
+            name, _, docs = item.partition(":")
+            try:
+                plan.append(StudyModel(name, int(docs) if docs else 60, study_tasks))
+            except ValueError:
+                raise AdaInferError(f"bad model spec {item!r}: use name or name:docs, e.g. smollm2-135m:80") from None
+    names = [m.name for m in plan]
+    if len(set(names)) != len(names):
+        raise AdaInferError(f"--models names a model twice ({', '.join(names)}): give each model once, with all its tasks")
+    return plan
 
 
 def collection_path(root: Path, model: str, task: StudyTask, role: str) -> Path:
@@ -116,17 +143,17 @@ def _needs_collecting(path: Path, n_docs: int, seed: int, log) -> bool:
     return True
 
 
-def collect_all(models: dict[str, int], tasks: list[StudyTask], root: Path, seed: int = 0, log=print,
-                continuation: bool = True) -> None:
+def collect_all(plan: list[StudyModel], root: Path, seed: int = 0, log=print, continuation: bool = True) -> None:
     """Collect every (model, task, role) file that is missing or stale (one model load per model)
     and, with ``continuation``, the continuation read-out beside each that lacks a current one."""
     from adainfer_lmeval.adapter.backend import AdaInferLM
     from adainfer_lmeval.experiments.collect import collect, read_metadata
     from adainfer_lmeval.experiments.collect_continuation import collect_continuation, continuation_is_current, continuation_path
 
-    for model, model_docs in models.items():
-        every = [(task, role, collection_path(root, model, task, role), task.n_docs(model_docs))
-                 for task in tasks for role in ROLES]
+    for study_model in plan:
+        model = study_model.name
+        every = [(task, role, collection_path(root, model, task, role), task.n_docs(study_model.docs))
+                 for task in study_model.tasks for role in ROLES]
         todo = [item for item in every if _needs_collecting(item[2], item[3], seed, log)]
         stale = {item[2] for item in todo}
         readouts = [path for _, _, path, _ in every if continuation
@@ -152,27 +179,27 @@ def collect_all(models: dict[str, int], tasks: list[StudyTask], root: Path, seed
         del lm
 
 
-def load_collections(root: Path, models: list[str], tasks: list[StudyTask]) -> dict:
+def load_collections(root: Path, plan: list[StudyModel]) -> dict:
     """{(model, task label, role): training_data.Data} for every collected file, with its
     continuation read-out where one was collected for it."""
     from adainfer_lmeval.experiments.collect_continuation import continuation_is_current, continuation_path
     from adainfer_lmeval.experiments.training_data import load_data, with_continuation
 
     out = {}
-    for model in models:
-        for task in tasks:
+    for study_model in plan:
+        for task in study_model.tasks:
             for role in ROLES:
-                path = collection_path(root, model, task, role)
+                path = collection_path(root, study_model.name, task, role)
                 if not path.exists():
                     raise AdaInferError(f"{path} is missing: run the study without --skip-collect (or with --collect-only) first")
                 data = load_data(path)
                 if continuation_is_current(continuation_path(path), data.meta):
                     data = with_continuation(data, path)
-                out[(model, task.label, role)] = data
+                out[(study_model.name, task.label, role)] = data
     return out
 
 
-def training_sets(collections: dict, models: list[str], tasks: list[StudyTask], seed: int = 0) -> dict:
+def training_sets(collections: dict, plan: list[StudyModel], seed: int = 0) -> dict:
     """{(model, task label, setting): Data} for intra-task and inter-task training.
 
     Inter-task pools the training documents of every task with another name (``sst2@0`` and
@@ -182,7 +209,8 @@ def training_sets(collections: dict, models: list[str], tasks: list[StudyTask], 
     from adainfer_lmeval.experiments.training_data import Data
 
     out = {}
-    for model in models:
+    for study_model in plan:
+        model, tasks = study_model.name, study_model.tasks
         trains = {task.label: collections[(model, task.label, "train")] for task in tasks}
         cap = min(len(d.keys) for d in trains.values())
         rng = np.random.default_rng(seed)
