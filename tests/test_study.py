@@ -401,6 +401,14 @@ def test_offline_evaluation_equals_the_backend(tmp_path):
     # readout=continuation: the lens rules' exits, the continuation's answers
     assert report["margin_simlens"]["backend_exits"] == report["margin"]["backend_exits"]
     assert set(report["simlens_static"]["backend_exits"]) == {17}
+    # svm_options ran as a policy file reading the shipped files' eight signals
+    import json
+
+    from adainfer_lmeval.core.features import FEATURE_NAMES
+    from adainfer_lmeval.experiments.training_data import OPTION_SIGNALS
+
+    written = json.loads((tmp_path / "policies" / "svm_options" / "svm.json").read_text())
+    assert written["features"] == list(FEATURE_NAMES + OPTION_SIGNALS) and len(written["coef"]) == 8
 
 
 def test_a_file_collected_before_option_logits_is_collected_again(tmp_path):

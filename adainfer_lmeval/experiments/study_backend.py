@@ -17,21 +17,21 @@ import numpy as np
 from adainfer_lmeval.experiments.study_policies import CLASSIFIERS, CONTINUATION_POLICIES, LABEL, document_outcomes
 from adainfer_lmeval.experiments.study_tasks import StudyTask
 
-BACKEND_POLICIES = ("svm", "crf", "threshold", "margin", "static", "simlens", "margin_simlens", "simlens_static")
+BACKEND_POLICIES = ("svm", "crf", "svm_options", "threshold", "margin", "static", "simlens", "margin_simlens", "simlens_static")
 
 
 def backend_policy(policy: str, fit: dict, train, out_dir: Path, criterion: str = "accuracy") -> str:
     """The model-args ``policy=...`` value that runs ``fit`` at its ``criterion`` point (SVM/CRF:
     a policy file written into ``out_dir``)."""
-    from adainfer_lmeval.core.features import FEATURE_NAMES
     from adainfer_lmeval.experiments.train import policy_meta, write_policy
 
     point = fit["points"][criterion]
     threshold, min_layer = point["threshold"], point["min_layer"]
     if policy in CLASSIFIERS:
-        meta = policy_meta(policy, train, fit["params"], point, list(FEATURE_NAMES), LABEL, {},
+        kind, signals = CLASSIFIERS[policy]
+        meta = policy_meta(kind, train, fit["params"], point, list(signals), LABEL, {},
                            {"tolerance": None, "tasks": fit["train_tasks"], "note": "adainfer_lmeval.experiments.study fit"})
-        return f"file,path={write_policy(out_dir / policy, policy, meta, fit['params'])[0]}"
+        return f"file,path={write_policy(out_dir / policy, kind, meta, fit['params'])[0]}"
     if policy == "threshold":
         return f"threshold,gap={threshold!r},min_layer={min_layer}"
     if min_layer >= train.num_layers:  # the never-exit point consults nothing: full depth

@@ -6,6 +6,8 @@ Every policy stops at the first layer l >= ``min_layer`` whose score reaches ``t
 * ``svm``, ``crf``: AdaInfer's classifiers over the paper's features (p1, gap, entropy, cosine,
   depth), fitted as :mod:`adainfer_lmeval.experiments.fitting` fits the shipped ones (labels
   ``final``/``option``), scored cross-fitted for their operating point;
+* ``svm_options``: the same SVM over the paper's features and the answer-option signals
+  (margin, option_change, option_kl), the eight signals the shipped ``svm.json`` files read;
 * ``threshold``: the gap p1 - p2 of the layer's full-vocabulary distribution (the paper's rule);
 * ``margin``: the answer options' margin (:mod:`adainfer_lmeval.core.options`: top minus second
   probability of a softmax over the options' logits where they first differ), ``policy=margin``;
@@ -42,9 +44,13 @@ import numpy as np
 from adainfer_lmeval.core.features import FEATURE_NAMES
 from adainfer_lmeval.errors import AdaInferError
 from adainfer_lmeval.experiments.calibration import Outcome, Readout, exit_layers
+from adainfer_lmeval.experiments.training_data import OPTION_SIGNALS
 
-STUDY_POLICIES = ("svm", "crf", "threshold", "margin", "static", "simlens", "simlens_static", "margin_simlens")
-CLASSIFIERS = ("svm", "crf")  # fitted; the others only calibrated
+STUDY_POLICIES = ("svm", "crf", "svm_options", "threshold", "margin", "static", "simlens", "simlens_static",
+                  "margin_simlens")
+#: the fitted policies (the others are only calibrated): their learned kind and the signals they read
+CLASSIFIERS = {"svm": ("svm", FEATURE_NAMES), "crf": ("crf", FEATURE_NAMES),
+               "svm_options": ("svm", FEATURE_NAMES + OPTION_SIGNALS)}
 SIGNAL_RULES = {"threshold": "gap", "margin": "margin", "margin_simlens": "margin"}  # policy -> the one signal it thresholds
 STATIC_RULES = ("static", "simlens_static")  # a score of 1 everywhere: exit at min_layer
 CONTINUATION_POLICIES = ("simlens", "simlens_static", "margin_simlens")  # they answer with the continuation
@@ -97,7 +103,7 @@ def layer_scores(policy: str, params, data) -> np.ndarray:
 
     last = data.num_layers - 1
     if policy in CLASSIFIERS:
-        return classifier_scores(params, data, data.columns(FEATURE_NAMES))
+        return classifier_scores(params, data, data.columns(CLASSIFIERS[policy][1]))
     if policy in STATIC_RULES:
         return np.ones((len(data.keys), last))
     if policy == "simlens":
@@ -147,10 +153,11 @@ def fit_study_policy(train, policy: str, rules: CalibrationRules) -> dict:
 
     readout = policy_readout(policy, train)
     if policy in CLASSIFIERS:
-        cols = train.columns(FEATURE_NAMES)
+        kind, signals = CLASSIFIERS[policy]
+        cols = train.columns(signals)
         y = make_labels(train, LABEL["mode"], LABEL["prediction"])
-        held_out = cross_fitted_scores(train, y, policy, cols, rules.inner_folds, rules.seed + 1)
-        params = fit_classifier(policy, train, y, cols)
+        held_out = cross_fitted_scores(train, y, kind, cols, rules.inner_folds, rules.seed + 1)
+        params = fit_classifier(kind, train, y, cols)
     else:
         params, held_out = None, layer_scores(policy, None, train)
     points = {c: calibrate(train, held_out, rules.tolerance, criterion=c, max_changed=rules.max_changed,

@@ -173,8 +173,8 @@ def plot(result: dict, path: Path) -> None:
     nrows = math.ceil(len(cells) / cols)
     height = 3.4 * nrows + 1.0  # + legend and title
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, height), squeeze=False)
-    colors = dict(zip(STUDY_POLICIES, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:brown", "tab:pink",
-                                       "tab:olive", "tab:cyan")))
+    colors = dict(zip(STUDY_POLICIES, ("tab:blue", "tab:orange", "tab:purple", "tab:green", "tab:red", "tab:brown",
+                                       "tab:pink", "tab:olive", "tab:cyan")))
     markers = {"intra": "o", "inter-task": "s", "inter-model": "^"}
     for ax, (model, task) in zip(axes.flat, cells):
         mine = [r for r in rows if r["model"] == model and f"{r['task']}@{r['shots']}" == task]
