@@ -130,3 +130,24 @@ def test_leaderboard_of_the_ci_runs(ci_runs, tmp_path):
     assert [b["policy"] for b in board[2:]] == [r["policy"] for r in ranked] == ["threshold,gap=0.6,min_layer=20"]
     page = written["html"].read_text()
     assert all(f'data-policy="{p}"' in page for p in ("full", "oracle", "threshold,gap=0.6,min_layer=20"))
+
+
+def test_each_task_is_warmed_untimed_at_full_depth_before_its_first_timed_run(tmp_path, monkeypatch):
+    # Without it the reference (each task's first run) paid the task's warm-up (2026-12-07).
+    from adainfer_lmeval.adapter import harness
+
+    calls = []
+    real_evaluate = harness.evaluate
+
+    def recording(model, tasks, **options):
+        calls.append((model.exit_policy.describe()["name"], tuple(tasks), options.get("limit")))
+        return real_evaluate(model, tasks, **options)
+
+    monkeypatch.setattr(harness, "evaluate", recording)
+    suite = tmp_path / "suite.yaml"
+    suite.write_text('models: [smollm2-135m]\npolicies: ["static,layer=27"]\n'
+                     'tasks:\n  - {name: sst2, limit: 4}\nbatch_size: 2\n')
+    files = run_suite(Suite.load(suite), tmp_path / "runs", log=lambda _m: None)
+    assert calls[0] == ("full", ("sst2",), 2)  # one batch, untimed, before anything is timed
+    assert calls[1:] == [("full", ("sst2",), 4), ("static", ("sst2",), 4)]
+    assert [len(json.loads(f.read_text())["samples"]["sst2"]) for f in files] == [4, 4]  # the warm-up is in no run
