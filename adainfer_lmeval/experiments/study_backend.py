@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from adainfer_lmeval.experiments.study_policies import CLASSIFIERS, CONTINUATION_POLICIES, LABEL, document_outcomes
+from adainfer_lmeval.experiments.study_policies import (CLASSIFIERS, CONTINUATION_POLICIES, LABEL, STUDY_POLICIES,
+                                                        document_outcomes)
 from adainfer_lmeval.experiments.study_tasks import StudyTask
 
-BACKEND_POLICIES = ("svm", "crf", "svm_options", "threshold", "margin", "static", "simlens", "margin_simlens", "simlens_static")
+BACKEND_POLICIES = STUDY_POLICIES  # every study policy has a backend twin (backend_policy)
 
 
 def backend_policy(policy: str, fit: dict, train, out_dir: Path, criterion: str = "accuracy") -> str:

@@ -25,7 +25,7 @@ and pay for it (:func:`policy_readout`): they need the collection's continuation
 * ``margin_simlens``: the lens ``margin`` decides, the continuation answers (the cheap check, the
   better read-out).
 
-Nothing but the SVM and CRF is fitted; every policy's (threshold, min_layer) is calibrated on
+Nothing but the classifiers (:data:`CLASSIFIERS`) is fitted; every policy's (threshold, min_layer) is calibrated on
 the training documents under each criterion of
 :data:`~adainfer_lmeval.experiments.calibration.CRITERIA`.
 

@@ -60,7 +60,6 @@ def _open_model(suite: Suite, model_name: str, log):
     import torch
     import transformers
 
-    from adainfer_lmeval.core.engine import ExitBatch
     from adainfer_lmeval.adapter.backend import AdaInferLM
     from adainfer_lmeval.adapter.harness import evaluate, task_manager
     from adainfer_lmeval.offline.models.fetch import resolve_pretrained
@@ -80,16 +79,13 @@ def _open_model(suite: Suite, model_name: str, log):
                                           device=suite.device, batch_size=suite.batch_size, **args)
         return backends[policy]
 
-    # Warm-up (allocator, kernels) so that the first timed run is not penalised.
-    warm = backend(FULL)
-    warm.engine.run(ExitBatch.from_rows([[1] * 64] * suite.batch_size, [63] * suite.batch_size, device=warm.device))
-
     warmed: set[tuple[str, int]] = set()
 
     def warm_task(task: SuiteTask) -> None:
-        # The start-up pass cannot reach a task's own prompt shapes: without this untimed batch
-        # of the task at full depth, each task's first timed run (full depth, the reference)
-        # was the slow one (2026-12-07: never-exit policies, the same layers, 1.1-1.4x "faster").
+        # Warm-up (allocator, kernels, the task's own prompt shapes) so that no timed run pays it:
+        # with a synthetic 64-token pass at load only, each task's first timed run (full depth, the
+        # reference) was the slow one (2026-12-07: never-exit policies, the same layers, 1.1-1.4x
+        # "faster"). One untimed batch of the task at full depth takes it.
         if (task.name, task.num_fewshot) not in warmed:
             warmed.add((task.name, task.num_fewshot))
             limit = min(task.limit, suite.batch_size) if task.limit else suite.batch_size  # per subtask of a group
