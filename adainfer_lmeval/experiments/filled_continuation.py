@@ -1,0 +1,240 @@
+"""A lead for issue 15: the continuation read-out with the prompt filled in, beside SimLens.
+
+SimLens (:mod:`adainfer_lmeval.core.continuation`) carries token 0 and the scored positions through
+the remaining layers *alone*: the last layers never see the rest of the prompt, and on our models
+the answer they give from layer L-1 still differs from full depth's on 8% of SmolLM2's SST-2
+documents. The **filled** continuation carries the scored positions attending to the whole prompt,
+whose keys and values at each remaining layer come from the exit layer's states (the K/V
+projections only: CALM's state propagation, :meth:`DecoderStack.fill_kv`, as generation fills the
+layers an exited token skipped). From layer L-1 it is the full forward exactly; from earlier layers
+only the prompt's upper-layer states are approximated, none are left out.
+
+Not in the engine, the policies or the study yet. This module computes the read-out for a study
+collection (offline, one row at a time), writes it in the continuation file's columns
+(``<collection>-filled.parquet`` beside it) and calibrates the study's three SimLens rules on the
+training documents with either read-out, scored on the test documents, both restricted to exits at
+layers >= ``--from-layer`` (the filled carries start there). Costs in layer equivalents, counted as
+the study counts SimLens's (carried tokens x remaining layers over the document's tokens) plus what
+filling adds per remaining layer: each prompt token's K/V projections
+(``kv_matmul_params / layer_matmul_params`` of a token-layer, as the engine's generation charges a
+fill) and each carried token's attention over the prompt.
+
+    python -m adainfer_lmeval.experiments.filled_continuation --model smollm2-135m --task sst2@0 --from-layer 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from adainfer_lmeval.core.kv_cache import RowCache
+from adainfer_lmeval.errors import AdaInferError
+
+RULES = ("simlens", "margin_simlens", "simlens_static")  # the study's policies that answer with a continuation
+
+
+def filled_carry(stack, states: list[torch.Tensor], decision: int, starts: list[int]) -> torch.Tensor:
+    """[len(starts), n - decision, d]: one row's positions ``decision..n-1`` carried from each start
+    layer l of ``starts`` through layers l+1..L, attending to positions < ``decision`` at their
+    layer-l states (their keys/values filled from them at every remaining layer).
+
+    ``states``: the row's states [1, n, d] at layers 0..L (embeddings first, before the final
+    norm). The carries from every start run together, one batch row each, so that each remaining
+    layer's weights are read once for all of them.
+    """
+    n, device = states[0].shape[1], states[0].device
+    prompt = torch.cat([states[layer][:, :decision] for layer in starts])
+    carried = torch.cat([states[layer][:, decision:] for layer in starts])
+    positions = torch.arange(n, device=device).expand(len(starts), n)
+    valid = torch.ones(len(starts), n, dtype=torch.bool, device=device)
+    cache = RowCache(stack.num_layers, len(starts), n)
+    for index in range(min(starts), stack.num_layers):  # computes layer index + 1
+        active = torch.tensor([b for b, layer in enumerate(starts) if layer <= index], device=device)
+        a = len(active)
+        if decision > 0:
+            inputs = stack.cached_layer_inputs(prompt[active], positions[:a, :decision], 0, valid[:a, :decision])
+            stack.fill_kv(index, prompt[active], inputs, cache.at(0, active))
+        inputs = stack.cached_layer_inputs(carried[active], positions[:a, decision:], decision, valid[:a])
+        carried[active] = stack.run_layer(index, carried[active], inputs, cache.at(decision, active))
+    return carried
+
+
+@torch.no_grad()
+def trace_filled(stack, example, from_layer: int) -> tuple[list, list]:
+    """(options' logits [L][options] at the margin position, options' summed log-likelihoods
+    [L][options]) read off the filled carries from each layer; below ``from_layer`` no carry: NaN
+    logits (a margin that never stops) and the lens' log-likelihoods."""
+    L = stack.num_layers
+    starts = list(range(from_layer, L))
+    logits = [[float("nan")] * len(example.rows) for _ in range(L)]
+    lls = [[0.0] * len(example.rows) for _ in range(L)]
+    device = next(stack.head.parameters()).device
+    for j, (row, decision, continuation) in enumerate(zip(example.rows, example.decision, example.continuations)):
+        hidden = stack.embed(torch.tensor([row], device=device))
+        inputs = stack.layer_inputs(hidden)
+        states = [hidden]
+        for index in range(L):
+            hidden = stack.run_layer(index, hidden, inputs)
+            states.append(hidden)
+        carried = filled_carry(stack, states, decision, starts) if starts else None
+        read = {layer: states[layer][0, decision:] for layer in range(1, L + 1)}  # the lens
+        for b, layer in enumerate(starts):
+            read[layer] = carried[b]
+        tokens = torch.tensor(continuation, device=device)
+        for layer in range(1, L + 1):
+            logprobs = F.log_softmax(stack.exit_logits(read[layer]).float(), -1)
+            lls[layer - 1][j] = float(logprobs[torch.arange(len(continuation)), tokens].sum())
+        if j == 0:  # the speaker row: every option's token at the margin position
+            offset = example.margin_offset
+            option_tokens = torch.tensor([c[offset] for c in example.continuations], device=device)
+            for layer in [*starts, L]:
+                logits[layer - 1] = stack.exit_logits(read[layer][offset][None]).float()[0, option_tokens].tolist()
+    return logits, lls
+
+
+def filled_tokens(example, kv_share: float, attention_share: float) -> dict:
+    """The document's filled carries in tokens per remaining layer (the continuation file's
+    columns): a check, the speaker's positions decision .. margin plus its prompt's K/V and its
+    attention over it; the exit answer, every row's scored positions the same way."""
+    from adainfer_lmeval.experiments.collect_continuation import carried_tokens
+
+    def carry(prompt: int, carried: int) -> float:
+        return carried + kv_share * prompt + carried * attention_share * prompt
+
+    return {"check_tokens": carry(example.decision[0], example.margin_offset + 1),
+            "exit_tokens": sum(carry(d, len(r) - d) for r, d in zip(example.rows, example.decision)),
+            "reused_tokens": 0.0,  # an exit pays again what its check carried (the study's SimLens may reuse it)
+            "row_tokens": carried_tokens(example)["row_tokens"]}
+
+
+def filled_path(collection: Path) -> Path:
+    return collection.with_name(f"{collection.stem}-filled.parquet")
+
+
+def write_filled(lm, collection: Path, from_layer: int, log=print) -> Path:
+    """The filled read-out of ``collection``'s documents, written beside it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from adainfer_lmeval.experiments.collect import read_collection
+    from adainfer_lmeval.experiments.collect_continuation import rebuild_examples
+
+    stack = lm.engine.stack
+    meta, cols = read_collection(collection)
+    examples = rebuild_examples(lm, meta, cols)
+    kv_share = stack.kv_matmul_params() / stack.layer_matmul_params()
+    attention_share = 2 * stack.attention_width() / stack.layer_matmul_params()  # per prompt key, per carried token
+    started = time.time()
+    reads = []
+    for i, example in enumerate(examples, 1):
+        reads.append(trace_filled(stack, example, from_layer))
+        if i % 20 == 0 or i == len(examples):
+            log(f"  filled {collection.name}: {i}/{len(examples)} docs in {time.time() - started:.0f}s")
+    costs = [filled_tokens(e, kv_share, attention_share) for e in examples]
+    table = pa.table({"task": cols["task"], "doc_id": cols["doc_id"], "num_fewshot": cols["num_fewshot"],
+                      "continuation_option_logits": [r[0] for r in reads], "continuation_option_ll": [r[1] for r in reads],
+                      **{name: [float(c[name]) for c in costs] for name in costs[0]}})
+    written = {"data_sha256": meta["data_sha256"], "from_layer": from_layer, "kv_share": kv_share,
+               "seconds": round(time.time() - started, 1)}
+    path = filled_path(collection)
+    pq.write_table(table.replace_schema_metadata({b"adainfer": json.dumps(written).encode()}), path)
+    return path
+
+
+def read_filled(data, collection: Path, from_layer: int):
+    """``data`` (loaded from ``collection``) answered by its filled read-out; None if there is none
+    of this collection and ``from_layer``."""
+    import pyarrow.parquet as pq
+
+    from adainfer_lmeval.experiments.training_data import continuation_readout
+
+    path = filled_path(collection)
+    if not path.exists():
+        return None
+    meta = json.loads((pq.read_schema(path).metadata or {}).get(b"adainfer", b"{}"))
+    if meta.get("data_sha256") != data.meta.get("data_sha256") or meta.get("from_layer") != from_layer:
+        return None
+    return replace(data, continuation=continuation_readout(pq.read_table(path).to_pydict()))
+
+
+def compare(readouts: dict, from_layer: int, rules) -> list[dict]:
+    """The study's SimLens rules, calibrated on ``train`` and scored on ``test`` of each read-out
+    ({name: (train, test)}), every criterion, exits restricted to layers >= ``from_layer``."""
+    from adainfer_lmeval.experiments.calibration import CRITERIA, calibrate, evaluate, exit_layers
+    from adainfer_lmeval.experiments.study_policies import layer_scores, policy_readout
+
+    def scores(policy, data):
+        s = layer_scores(policy, None, data).astype(np.float64)
+        s[:, : from_layer - 1] = np.nan  # never stops there
+        return s
+
+    rows = []
+    for name, (train, test) in readouts.items():
+        for policy in RULES:
+            for criterion in CRITERIA:
+                point = calibrate(train, scores(policy, train), rules.tolerance, criterion=criterion,
+                                  max_changed=rules.max_changed, confidence=rules.confidence,
+                                  readout=policy_readout(policy, train))
+                exits = exit_layers(scores(policy, test), point["threshold"], point["min_layer"])
+                r = evaluate(test, exits, policy_readout(policy, test), point["min_layer"])
+                rows.append({"readout": name, "policy": policy, "criterion": criterion, "n_test": r["n_docs"],
+                             "layers_saved": r["layers_saved"], "mean_exit_layer": r["mean_exit_layer"],
+                             "delta_points": 100 * (r["policy_acc"] - r["full_acc"]), "agreement": r["agreement_with_full"],
+                             "min_layer": point["min_layer"], "threshold": point["threshold"]})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m adainfer_lmeval.experiments.filled_continuation",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="the study model (short name)")
+    parser.add_argument("--task", required=True, help="the study cell's label, task@shots (e.g. sst2@0)")
+    parser.add_argument("--collect-dir", type=Path, default=Path("out/study/collect"))
+    parser.add_argument("--from-layer", type=int, default=1, help="the first layer a filled carry starts from (exits restricted to >= it)")
+    parser.add_argument("--threads", type=int, help="torch threads (1 on a shared machine)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        from adainfer_lmeval.experiments.study_policies import CalibrationRules
+        from adainfer_lmeval.experiments.training_data import load_data, with_continuation
+
+        lm, readouts = None, {"simlens": [], "filled": []}
+        for role in ("train", "test"):
+            collection = args.collect_dir / args.model / f"{args.task}-{role}.parquet"
+            if not collection.exists():
+                raise AdaInferError(f"{collection}: no such collection; run the study's collection for {args.model} first")
+            data = with_continuation(load_data(collection), collection)
+            filled = read_filled(data, collection, args.from_layer)
+            if filled is None:
+                if lm is None:
+                    from adainfer_lmeval.adapter.backend import AdaInferLM
+
+                    lm = AdaInferLM(pretrained=args.model, policy="full", batch_size=1, device="cpu")
+                print(f"wrote {write_filled(lm, collection, args.from_layer, log=lambda m: print(m, flush=True))}")
+                filled = read_filled(data, collection, args.from_layer)
+            readouts["simlens"].append(data)
+            readouts["filled"].append(filled)
+        rows = compare({k: tuple(v) for k, v in readouts.items()}, args.from_layer, CalibrationRules())
+    except AdaInferError as error:
+        print(f"filled_continuation: error: {error}", file=sys.stderr)
+        return 2
+    print(f"{args.model} {args.task}, {rows[0]['n_test']} test documents, exits from layer {args.from_layer}")
+    print("| read-out | policy | criterion | layers saved | mean exit | Δ points | agreement | min_layer |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['readout']} | {r['policy']} | {r['criterion']} | {100 * r['layers_saved']:.1f}% | {r['mean_exit_layer']:.2f} "
+              f"| {r['delta_points']:+.1f} | {r['agreement']:.3f} | {r['min_layer']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
