@@ -37,8 +37,7 @@ import torch.nn.functional as F
 
 from adainfer_lmeval.core.kv_cache import RowCache
 from adainfer_lmeval.errors import AdaInferError
-
-RULES = ("simlens", "margin_simlens", "simlens_static")  # the study's policies that answer with a continuation
+from adainfer_lmeval.experiments.study_policies import CONTINUATION_POLICIES
 
 
 def filled_carry(stack, states: list[torch.Tensor], decision: int, starts: list[int]) -> torch.Tensor:
@@ -70,12 +69,13 @@ def filled_carry(stack, states: list[torch.Tensor], decision: int, starts: list[
 @torch.no_grad()
 def trace_filled(stack, example, from_layer: int) -> tuple[list, list]:
     """(options' logits [L][options] at the margin position, options' summed log-likelihoods
-    [L][options]) read off the filled carries from each layer; below ``from_layer`` no carry: NaN
-    logits (a margin that never stops) and the lens' log-likelihoods."""
+    [L][options]) read off the filled carries from each layer l >= ``from_layer`` (at L: full
+    depth); below it nothing is read (NaN: a margin that never stops, and no exit is scored there)."""
     L = stack.num_layers
     starts = list(range(from_layer, L))
+    read_layers = [*starts, L]
     logits = [[float("nan")] * len(example.rows) for _ in range(L)]
-    lls = [[0.0] * len(example.rows) for _ in range(L)]
+    lls = [[float("nan")] * len(example.rows) for _ in range(L)]
     device = next(stack.head.parameters()).device
     for j, (row, decision, continuation) in enumerate(zip(example.rows, example.decision, example.continuations)):
         hidden = stack.embed(torch.tensor([row], device=device))
@@ -84,18 +84,17 @@ def trace_filled(stack, example, from_layer: int) -> tuple[list, list]:
         for index in range(L):
             hidden = stack.run_layer(index, hidden, inputs)
             states.append(hidden)
-        carried = filled_carry(stack, states, decision, starts) if starts else None
-        read = {layer: states[layer][0, decision:] for layer in range(1, L + 1)}  # the lens
-        for b, layer in enumerate(starts):
-            read[layer] = carried[b]
+        read = {L: states[L][0, decision:]}
+        if starts:
+            read.update(zip(starts, filled_carry(stack, states, decision, starts)))
         tokens = torch.tensor(continuation, device=device)
-        for layer in range(1, L + 1):
+        for layer in read_layers:
             logprobs = F.log_softmax(stack.exit_logits(read[layer]).float(), -1)
             lls[layer - 1][j] = float(logprobs[torch.arange(len(continuation)), tokens].sum())
         if j == 0:  # the speaker row: every option's token at the margin position
             offset = example.margin_offset
             option_tokens = torch.tensor([c[offset] for c in example.continuations], device=device)
-            for layer in [*starts, L]:
+            for layer in read_layers:
                 logits[layer - 1] = stack.exit_logits(read[layer][offset][None]).float()[0, option_tokens].tolist()
     return logits, lls
 
@@ -145,13 +144,15 @@ def write_filled(lm, collection: Path, from_layer: int, log=print) -> Path:
     written = {"data_sha256": meta["data_sha256"], "from_layer": from_layer, "kv_share": kv_share,
                "seconds": round(time.time() - started, 1)}
     path = filled_path(collection)
-    pq.write_table(table.replace_schema_metadata({b"adainfer": json.dumps(written).encode()}), path)
+    partial = path.with_name(path.name + ".partial")  # a half-written file is never read
+    pq.write_table(table.replace_schema_metadata({b"adainfer": json.dumps(written).encode()}), partial)
+    partial.replace(path)
     return path
 
 
 def read_filled(data, collection: Path, from_layer: int):
-    """``data`` (loaded from ``collection``) answered by its filled read-out; None if there is none
-    of this collection and ``from_layer``."""
+    """``data`` (loaded from ``collection``) answered by its filled read-out (its file's metadata
+    under ``meta["filled"]``); None if there is none of this collection and ``from_layer``."""
     import pyarrow.parquet as pq
 
     from adainfer_lmeval.experiments.training_data import continuation_readout
@@ -162,7 +163,16 @@ def read_filled(data, collection: Path, from_layer: int):
     meta = json.loads((pq.read_schema(path).metadata or {}).get(b"adainfer", b"{}"))
     if meta.get("data_sha256") != data.meta.get("data_sha256") or meta.get("from_layer") != from_layer:
         return None
-    return replace(data, continuation=continuation_readout(pq.read_table(path).to_pydict()))
+    return replace(data, continuation=continuation_readout(pq.read_table(path).to_pydict()), meta={**data.meta, "filled": meta})
+
+
+def agreement_by_layer(simlens, filled, from_layer: int) -> dict[str, list[float]]:
+    """Per read-out (lens, SimLens, filled), the share of documents whose answer read from layer
+    l = ``from_layer``..L equals full depth's (the same documents: ``simlens`` and ``filled`` differ
+    in their continuation only)."""
+    final = simlens.choice[:, -1:]
+    answers = {"lens": simlens.choice, "simlens": simlens.continuation.choice, "filled": filled.continuation.choice}
+    return {name: (choice[:, from_layer - 1:-1] == final).mean(0).tolist() + [1.0] for name, choice in answers.items()}
 
 
 def compare(readouts: dict, from_layer: int, rules) -> list[dict]:
@@ -178,7 +188,7 @@ def compare(readouts: dict, from_layer: int, rules) -> list[dict]:
 
     rows = []
     for name, (train, test) in readouts.items():
-        for policy in RULES:
+        for policy in CONTINUATION_POLICIES:
             for criterion in CRITERIA:
                 point = calibrate(train, scores(policy, train), rules.tolerance, criterion=criterion,
                                   max_changed=rules.max_changed, confidence=rules.confidence,
@@ -227,6 +237,14 @@ def main(argv: list[str] | None = None) -> int:
     except AdaInferError as error:
         print(f"filled_continuation: error: {error}", file=sys.stderr)
         return 2
+    for role, simlens, filled in zip(("train", "test"), readouts["simlens"], readouts["filled"]):
+        agree = agreement_by_layer(simlens, filled, args.from_layer)
+        print(f"{args.model} {args.task} {role}: answers equal to full depth's, % of {len(simlens.keys)} documents, "
+              f"read from layer l (filled: K/V fill {100 * filled.meta['filled']['kv_share']:.2f}% of a token-layer per prompt token)")
+        print("| l | " + " | ".join(str(l) for l in range(args.from_layer, simlens.num_layers + 1)) + " |")
+        print("|---|" + "---|" * (simlens.num_layers + 1 - args.from_layer))
+        for name, shares in agree.items():
+            print(f"| {name} | " + " | ".join(f"{100 * x:.0f}" for x in shares) + " |")
     print(f"{args.model} {args.task}, {rows[0]['n_test']} test documents, exits from layer {args.from_layer}")
     print("| read-out | policy | criterion | layers saved | mean exit | Δ points | agreement | min_layer |")
     print("|---|---|---|---|---|---|---|---|")
