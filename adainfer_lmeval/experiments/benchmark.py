@@ -74,6 +74,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch threads; 'auto': torch's default on a quiet machine, 1 if it never got quiet "
                              "(oversubscribed OpenMP threads spin: a 2-thread pass can run 30x slower)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--study_cell", default=None,
+                        help="task@shots of a study cell (e.g. sst2@4): time the study's calibrated rules on its test "
+                             "documents instead of the fixed points on SST-2 0-shot and MMLU (bench/study_cell.py)")
+    parser.add_argument("--study_results", default="reports/study/results.json")
+    parser.add_argument("--study_collections", default="out/study/collect",
+                        help="where the study's collections are: the run checks its documents and exits against them")
+    parser.add_argument("--study_setting", default="intra")
+    parser.add_argument("--study_criterion", default="agreement")
+    parser.add_argument("--docs", type=int, default=None,
+                        help="with --study_cell: the first DOCS of the cell's test documents (default: all of them)")
     parser.add_argument("--output_dir", default="reports/benchmark")
     a = parser.parse_args(argv)
 
@@ -106,7 +116,13 @@ def main(argv: list[str] | None = None) -> int:
         return {"sst2": n, **{t: k for t, k in per_subject.items() if k > 0}}
 
     task_limits = {name: limits_for(n) for name, n in zip(models, ns)}
-    check_tasks_available(sorted({t for limits in task_limits.values() for t in limits}))
+    if a.study_cell:
+        from adainfer_lmeval.experiments.bench import study_cell
+
+        cell_rows = {name: study_cell.study_points(Path(a.study_results), name, a.study_cell, a.study_setting,
+                                                   a.study_criterion) for name in models}
+    else:
+        check_tasks_available(sorted({t for limits in task_limits.values() for t in limits}))
     from adainfer_lmeval.adapter.harness import task_manager
 
     manager = task_manager()
@@ -125,14 +141,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[benchmark] loading {name} from {folder}", flush=True)
         model = transformers.AutoModelForCausalLM.from_pretrained(folder).to(a.device).eval()
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-        variants = variants_for(name, thresholds.get(name), svm=not a.no_svm, check_vocab=a.check_vocab or None,
-                                check_clusters=a.check_clusters)
         tokenizing_lm = make_backend(Variant("hf"), model, tokenizer, 1, a.device)
-        requests, counts[name] = build_requests(tokenizing_lm, task_limits[name], manager)
+        if a.study_cell:
+            variants = [Variant("hf"), Variant("full")] + [study_cell.variant_of(r) for r in cell_rows[name]]
+            n_test = max(r["n_test"] for r in cell_rows[name]) if cell_rows[name] else 0
+            requests, doc_ids = study_cell.cell_requests(tokenizing_lm, a.study_cell, n_test)
+            sampled = sorted(set(doc_ids))
+            if a.docs is not None:  # the first DOCS documents of the study's (sorted by id)
+                keep = set(sorted(set(doc_ids))[: a.docs])
+                requests, doc_ids = map(list, zip(*[(r, d) for r, d in zip(requests, doc_ids) if d in keep]))
+            counts[name] = {a.study_cell: {"documents": len(set(doc_ids)), "requests": len(requests)}}
+        else:
+            variants = variants_for(name, thresholds.get(name), svm=not a.no_svm, check_vocab=a.check_vocab or None,
+                                    check_clusters=a.check_clusters)
+            requests, counts[name] = build_requests(tokenizing_lm, task_limits[name], manager)
         print(f"[benchmark] {name}: {len(requests)} requests; variants {[v.label for v in variants]}", flush=True)
         res = benchmark_model(name, model, tokenizer, requests, variants, batch_sizes, a.repeats, a.device,
                               profile=not a.no_profile, decision_tokens=a.decision_tokens,
                               check_vocab=a.check_vocab or None)
+        if a.study_cell:
+            collection = Path(a.study_collections) / name / f"{a.study_cell}-test.parquet"
+            res["study_cell"] = {
+                "cell": a.study_cell, "setting": a.study_setting, "criterion": a.study_criterion,
+                "results_file": a.study_results, "batch_sizes": batch_sizes, "doc_ids": sorted(set(doc_ids)),
+                "rows": [{"variant": study_cell.variant_of(r).label, **{k: r[k] for k in (
+                    "policy", "threshold", "min_layer", "layers_saved", "delta_points", "mean_exit_layer", "n_test")}}
+                    for r in cell_rows[name]],
+                "check": study_cell.check_against_study(collection, sampled, doc_ids, cell_rows[name], res["rows"]),
+            }
         results.append(res)
         print(format_tables([res]), flush=True)
         del model

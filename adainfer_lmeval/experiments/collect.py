@@ -136,10 +136,9 @@ def _gold_index(task, doc, choices: list[str]) -> int:
     return int(gold) if 0 <= int(gold) < len(choices) else -1
 
 
-def build_examples(lm, task, name: str, doc_ids: list[int], shots: int, fewshot_seed: int) -> list[Example]:
-    """The task's lm-eval requests for ``doc_ids``, tokenized as AdaInferLM scores them."""
-    from adainfer_lmeval.adapter.loglikelihood import tokenized_requests
-
+def task_instances(lm, task, doc_ids: list[int], shots: int, fewshot_seed: int) -> dict[int, list]:
+    """{doc id: its loglikelihood instances, one per answer option, in option order}: what lm-eval
+    builds for ``doc_ids`` at ``shots`` few-shot examples (drawn with ``fewshot_seed``)."""
     if not hasattr(task, "_adainfer_default_shots"):  # the YAML's own value, before we set ours
         task._adainfer_default_shots = task.get_config("num_fewshot")
     default = task._adainfer_default_shots
@@ -160,13 +159,21 @@ def build_examples(lm, task, name: str, doc_ids: list[int], shots: int, fewshot_
     by_doc: dict[int, list] = {}
     for inst in task.instances:
         by_doc.setdefault(ordered[inst.doc_id], []).append(inst)
-    examples = []
+    out = {}
     for doc_id, insts in sorted(by_doc.items()):
         insts.sort(key=lambda x: x.idx)
+        out[doc_id] = insts[: len(task.doc_to_choice(insts[0].doc))]  # not acc_mutual_info's unconditional rows
+    return out
+
+
+def build_examples(lm, task, name: str, doc_ids: list[int], shots: int, fewshot_seed: int) -> list[Example]:
+    """The task's lm-eval requests for ``doc_ids``, tokenized as AdaInferLM scores them."""
+    from adainfer_lmeval.adapter.loglikelihood import tokenized_requests
+
+    examples = []
+    for doc_id, insts in task_instances(lm, task, doc_ids, shots, fewshot_seed).items():
         doc = insts[0].doc
         choices = task.doc_to_choice(doc)
-        if len(insts) != len(choices):  # e.g. acc_mutual_info's unconditional rows
-            insts = insts[: len(choices)]
         encoded = request_encoding.encode([(c, k) for _, c, k in tokenized_requests(lm, insts)], lm.max_length)
         if len(encoded.groups) != 1:  # options that do not share the decision prefix are not one group
             continue

@@ -33,9 +33,15 @@ def backend_policy(policy: str, fit: dict, train, out_dir: Path, criterion: str 
         meta = policy_meta(kind, train, fit["params"], point, list(signals), LABEL, {},
                            {"tolerance": None, "tasks": fit["train_tasks"], "note": "adainfer_lmeval.experiments.study fit"})
         return f"file,path={write_policy(out_dir / policy, kind, meta, fit['params'])[0]}"
+    return rule_policy(policy, threshold, min_layer, train.num_layers)
+
+
+def rule_policy(policy: str, threshold: float, min_layer: int, num_layers: int) -> str:
+    """The model-args ``policy=...`` value of a study rule (every policy but the classifiers) at
+    its point (``threshold``, ``min_layer``) on a model of ``num_layers`` layers."""
     if policy == "threshold":
         return f"threshold,gap={threshold!r},min_layer={min_layer}"
-    if min_layer >= train.num_layers:  # the never-exit point consults nothing: full depth
+    if min_layer >= num_layers:  # the never-exit point consults nothing: full depth
         return "full"
     if policy in ("margin", "simlens"):
         return f"{policy},margin={threshold!r},min_layer={min_layer}"

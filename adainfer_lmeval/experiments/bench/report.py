@@ -11,10 +11,11 @@ COLUMNS = ["model", "batch", "variant", "mean layers", "ideal speedup", "measure
            "time vs hf", "median s", "requests", "same exits as full checks"]
 
 
-def table_rows(results: list[dict]) -> list[list]:
-    def f(v, fmt):
-        return "-" if v is None else format(v, fmt)
+def f(v, fmt):
+    return "-" if v is None else format(v, fmt)
 
+
+def table_rows(results: list[dict]) -> list[list]:
     out = []
     for res in results:
         for r in res["rows"]:
@@ -24,6 +25,28 @@ def table_rows(results: list[dict]) -> list[list]:
                         f(r["time_vs_hf"], ".3f"), f(r["median_s"], ".2f"), r["requests"],
                         f(None if r.get("same_exit_as_full_checks") is None else 100 * r["same_exit_as_full_checks"], ".0f")])
     return out
+
+
+def _time_saved(res: dict, label: str, batch: int) -> float | None:
+    """Per cent of full depth's time this variant saved at ``batch`` (1 - 1 / measured speedup)."""
+    row = next((r for r in res["rows"] if r["variant"] == label and r["batch"] == batch), None)
+    return None if row is None or not row.get("measured_speedup") else 100 * (1 - 1 / row["measured_speedup"])
+
+
+def _offline_exit(check: dict, label: str) -> str:
+    return f"{check['variants'][label]['offline_mean_exit']:.2f}" if check.get("present") else "-"
+
+
+def _bench_exit(res: dict, label: str) -> str:
+    row = next(r for r in res["rows"] if r["variant"] == label)
+    return f"{row['mean_layers']:.2f}"
+
+
+def _equal(check: dict, label: str) -> str:
+    if not check.get("present"):
+        return "no collection"
+    same = check["same_documents"] and check["variants"][label]["exits_equal"]
+    return "yes" if same else "NO"
 
 
 def format_tables(results: list[dict]) -> str:
@@ -71,7 +94,19 @@ def format_tables(results: list[dict]) -> str:
                                        "mean |gap error|", "gap error > 0.05 %", "head rows per pick (% of vocab)",
                                        "pick ms (these states)", "pick % of layer"],
                          tablefmt="github") if rec else "(no head-clusters variant)"
-    return (f"{main_table}\n\nExit decision vs one decoder layer (synthetic sequence, torch timer medians):\n\n{dec_table}"
+    cells = [[res["model"], res["study_cell"]["cell"], s["variant"], s["policy"], f"{100 * s['layers_saved']:.1f}",
+              f"{s['delta_points']:+.1f}", _offline_exit(res["study_cell"]["check"], s["variant"]),
+              _bench_exit(res, s["variant"])]
+             + [f(_time_saved(res, s["variant"], bs), ".1f") for bs in res["study_cell"]["batch_sizes"]]
+             + [_equal(res["study_cell"]["check"], s["variant"])]
+             for res in results if res.get("study_cell") for s in res["study_cell"]["rows"]]
+    cell_table = "" if not cells else tabulate(
+        cells, headers=["model", "cell", "variant", "study policy", "study layers saved %", "study Δ points",
+                        "offline mean exit (these docs)", "benchmark mean exit"] + [f"time saved % @{bs}" for bs in results[0]["study_cell"]["batch_sizes"]]
+        + ["exits = study's offline"], tablefmt="github")
+    cell_text = ("\n\nThe study's calibrated points on its test documents (layers saved and Δ: the study's; time saved: "
+                 f"1 - time / time(full), this run):\n\n{cell_table}") if cells else ""
+    return (f"{main_table}{cell_text}\n\nExit decision vs one decoder layer (synthetic sequence, torch timer medians):\n\n{dec_table}"
             f"\n\nHead-clusters picker against the full head, on the benchmark's contexts at full depth:\n\n{rec_table}"
             f"\n\nWhere the adainfer time goes (one instrumented pass each):\n\n{br_table}")
 

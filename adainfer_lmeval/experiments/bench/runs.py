@@ -45,6 +45,7 @@ def _row(model_name: str, variant: Variant, bs: int, requests: list, times: dict
         records = exit_records(responses[(label, bs)])
         row["mean_layers"], row["ideal_speedup"] = mean_layers(records), ideal_speedup(records)
         row["checks_per_request"] = sum(r.checks for r in records) / len(records)
+        row["exit_layers"] = [r.layers for r in records]  # per request, in the requests' order
         base = without_check_args(variant)
         if base != variant and base.label in by_label:  # cheap checks: do they decide as full ones do?
             reference = exit_records(responses[(base.label, bs)])

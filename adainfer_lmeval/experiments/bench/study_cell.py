@@ -1,0 +1,113 @@
+"""The study's calibrated rules on the clock: one study cell's test documents, the study's points.
+
+The default benchmark times fixed operating points on SST-2 0-shot and MMLU requests, where the
+rules exit little. ``--study_cell sst2@4`` instead times, for each model, the rules at the points
+the study calibrated (``reports/study/results.json``: per policy, setting and criterion) on the
+very test documents the study evaluated them on, so that each row's layers saved is the study's
+and its seconds say what that saving is worth on this machine. Only the rules run (threshold,
+margin, static and the SimLens ones): the classifiers' fitted parameters are not in the results
+file. Points that never exit (``min_layer`` = L) are full depth and are left out.
+
+Where the study's collection of the cell is on disk, the benchmark checks itself against it:
+the documents it built must be the collection's, and every request's exit layer must equal the
+offline exit of its document at the same point (:func:`offline_exits`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from adainfer_lmeval.errors import AdaInferError
+from adainfer_lmeval.experiments.bench.variants import Variant
+
+RULES = ("threshold", "margin", "static", "simlens", "simlens_static", "margin_simlens")
+
+
+def study_points(results_file: Path, model: str, cell: str, setting: str = "intra",
+                 criterion: str = "agreement") -> list[dict]:
+    """The study's rows of ``model`` on ``cell`` (``task@shots``) for the rules that exit at all:
+    each with its policy, point (threshold, min_layer), layers saved, Δ and mean exit layer."""
+    try:
+        rows = json.loads(Path(results_file).read_text())["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise AdaInferError(f"cannot read the study's results from {results_file} ({type(exc).__name__}: {exc}); "
+                            "run the study first (reports/study/README.md) or pass --study_results FILE") from None
+    task, _, shots = cell.partition("@")
+    found = [r for r in rows if r.get("model") == model and r.get("task") == task and r.get("shots") == int(shots or 0)
+             and r.get("setting") == setting and r.get("criterion") == criterion and r.get("policy") in RULES]
+    if not found:
+        raise AdaInferError(f"{results_file} has no {setting} {criterion} rows of {model} on {cell}; "
+                            "study cells there: " + ", ".join(sorted({f"{r['model']}:{r['task']}@{r['shots']}"
+                                                                       for r in rows if "model" in r})))
+    return [r for r in found if r["min_layer"] < r["layers"]]
+
+
+def variant_of(row: dict) -> Variant:
+    """The backend variant that runs a study row's rule at its point (the study's backend check's spec)."""
+    from adainfer_lmeval.adapter.model_args import parse_model_args
+    from adainfer_lmeval.experiments.study_backend import rule_policy
+
+    args = parse_model_args("policy=" + rule_policy(row["policy"], row["threshold"], row["min_layer"], row["layers"]))
+    return Variant(str(args.pop("policy")), args)
+
+
+def cell_requests(lm, cell: str, n_docs: int, seed: int = 0) -> tuple[list, list[int]]:
+    """The loglikelihood requests of the study's ``n_docs`` test documents of ``cell`` (drawn as
+    :func:`~adainfer_lmeval.experiments.study_tasks.collect_all` draws them) and, per request, its document id."""
+    from adainfer_lmeval.adapter.loglikelihood import tokenized_requests
+    from adainfer_lmeval.experiments.collect import DEFAULT_FEWSHOT_SEED, load_tasks, sample_docs, task_instances
+    from adainfer_lmeval.experiments.study_tasks import StudyTask, doc_filter_for
+
+    task = StudyTask.parse(cell)
+    source = task.source("test")
+    tasks = load_tasks([source])
+    chosen = sample_docs(tasks, source, n_docs, task.shots, seed, doc_filter_for(task, "test", seed))
+    requests, doc_ids = [], []
+    for name, ids in sorted(chosen.items()):
+        for doc_id, instances in task_instances(lm, tasks[name], ids, task.shots, DEFAULT_FEWSHOT_SEED).items():
+            encoded = tokenized_requests(lm, instances)
+            requests.extend(encoded)
+            doc_ids.extend([doc_id] * len(encoded))
+    return requests, doc_ids
+
+
+def offline_exits(collection: Path, row: dict) -> dict[int, int]:
+    """{doc id: exit layer} of ``row``'s rule at its point, evaluated on the study's collection
+    (the study's own offline evaluation: :func:`~adainfer_lmeval.experiments.study_policies.document_outcomes`)."""
+    from adainfer_lmeval.experiments.collect_continuation import continuation_is_current, continuation_path
+    from adainfer_lmeval.experiments.study_policies import document_outcomes
+    from adainfer_lmeval.experiments.training_data import load_data, with_continuation
+
+    data = load_data(collection)
+    if continuation_is_current(continuation_path(collection), data.meta):
+        data = with_continuation(data, collection)
+    point = {"threshold": row["threshold"], "min_layer": row["min_layer"]}
+    exits = document_outcomes(row["policy"], None, data, point).exits
+    return {int(key.split(":")[-1]): int(layer) for key, layer in zip(data.keys, exits)}
+
+
+def check_against_study(collection: Path, sampled: list[int], doc_ids: list[int], rows: list[dict],
+                        bench_rows: list[dict]) -> dict:
+    """Whether the documents drawn (``sampled``, before ``--docs``) are the study's test documents and
+    the benchmark's requests (of documents ``doc_ids``) exited where the study's offline evaluation
+    does, per variant (at every batch size); only ``present: False`` where no collection is on disk."""
+    if not Path(collection).exists():
+        return {"collection": str(collection), "present": False}
+    from adainfer_lmeval.experiments.training_data import load_data
+
+    study_docs = sorted(int(k.split(":")[-1]) for k in load_data(collection).keys)
+    out = {"collection": str(collection), "present": True, "same_documents": study_docs == sorted(set(sampled)),
+           "variants": {}}
+    for row in rows:
+        label = variant_of(row).label
+        expected = offline_exits(collection, row)
+        ran = [r for r in bench_rows if r["variant"] == label]
+        out["variants"][label] = {
+            "policy": row["policy"],
+            "exits_equal": all(r["exit_layers"] == [expected.get(d) for d in doc_ids] for r in ran),
+            "offline_mean_exit": float(np.mean([expected[d] for d in sorted(set(doc_ids)) if d in expected])),
+        }
+    return out

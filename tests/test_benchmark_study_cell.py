@@ -1,0 +1,117 @@
+"""The benchmark on a study cell (``--study_cell``): the study's documents, its points, its exits.
+
+A tiny random model stands in for a study model: its test collection of SST-2 0-shot is collected
+as the study collects one, and the benchmark must build the same documents and, run online at
+each rule's point, exit every request where the study's offline evaluation of that collection
+exits its document. No timing is asserted.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+
+from adainfer_lmeval.errors import AdaInferError
+from adainfer_lmeval.experiments.bench import study_cell
+from adainfer_lmeval.experiments.bench.report import format_tables
+from adainfer_lmeval.experiments.bench.runs import benchmark_model
+from adainfer_lmeval.experiments.bench.variants import Variant, make_backend
+
+DOCS = 8
+
+
+@pytest.fixture
+def one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def cell(tiny_model_dirs, tmp_path_factory):
+    """A tiny model's study-style SST-2 0-shot test collection, with its continuation read-out."""
+    from adainfer_lmeval.adapter.backend import AdaInferLM
+    from adainfer_lmeval.experiments.collect import collect
+    from adainfer_lmeval.experiments.collect_continuation import collect_continuation
+    from adainfer_lmeval.experiments.study_tasks import StudyTask, doc_filter_for
+    from adainfer_lmeval.experiments.training_data import load_data, with_continuation
+
+    folder = str(tiny_model_dirs["llama"])
+    path = tmp_path_factory.mktemp("cell") / "sst2@0-test.parquet"
+    collect(folder, ["sst2"], [0], DOCS, path, seed=0, doc_filter=doc_filter_for(StudyTask.parse("sst2"), "test"),
+            quiet=True)
+    collect_continuation(AdaInferLM(pretrained=folder, policy="full", batch_size=1, device="cpu"), path)
+    return folder, path, with_continuation(load_data(path), path)
+
+
+def _rows(data) -> list[dict]:
+    """Study-like rows of the rules at points that exit at various layers of the 4 (a static rule's
+    score is 1 everywhere: the study records its exiting points at threshold 1)."""
+    layers = data.num_layers
+    margin = float(np.median(data.feats[:, 1:layers - 1, data.columns(["margin"])[0]]))
+    carried = float(np.median(data.continuation.margin[:, 1:layers - 1]))
+    points = {"margin": (margin, 2), "simlens": (carried, 2), "margin_simlens": (margin, 2), "static": (1.0, 3),
+              "simlens_static": (1.0, 2), "threshold": (0.05, 2)}
+    return [{"policy": p, "threshold": t, "min_layer": m, "layers": layers, "n_test": DOCS, "layers_saved": 0.0,
+             "delta_points": 0.0, "mean_exit_layer": float(layers)} for p, (t, m) in points.items()]
+
+
+def test_the_benchmark_runs_the_studys_documents_and_exits_where_the_study_does(cell, one_thread):
+    folder, path, data = cell
+    model, tokenizer = tf.AutoModelForCausalLM.from_pretrained(folder).eval(), tf.AutoTokenizer.from_pretrained(folder)
+    requests, doc_ids = study_cell.cell_requests(make_backend(Variant("hf"), model, tokenizer, 1), "sst2@0", DOCS)
+    assert len(requests) == 2 * DOCS and sorted(set(doc_ids)) == sorted(int(k.split(":")[-1]) for k in data.keys)
+
+    rows = _rows(data)
+    variants = [Variant("full")] + [study_cell.variant_of(r) for r in rows]
+    assert variants[1:4] == [Variant("margin", {"margin": rows[0]["threshold"], "min_layer": 2}),
+                             Variant("simlens", {"margin": rows[1]["threshold"], "min_layer": 2}),
+                             Variant("margin", {"margin": rows[2]["threshold"], "min_layer": 2, "readout": "continuation"})]
+    res = benchmark_model("tiny-llama", model, tokenizer, requests, variants, batch_sizes=[1, 3], repeats=1,
+                          profile=False, decision_tokens=8, min_run_time=0.01, log=lambda *_: None)
+    check = study_cell.check_against_study(path, sorted(set(doc_ids)), doc_ids, rows, res["rows"])
+    assert check["present"] and check["same_documents"]
+    for row in rows:
+        label = study_cell.variant_of(row).label
+        assert check["variants"][label]["exits_equal"], (row["policy"], check["variants"][label])
+    exits = {r["variant"]: r["exit_layers"] for r in res["rows"] if r["batch"] == 1}
+    assert len(set(exits[variants[1].label])) > 1 and len(set(exits[variants[2].label])) > 1  # they split the documents
+    assert set(exits[study_cell.variant_of(rows[3]).label]) == {3}
+
+    # the check can fail: a point the benchmark did not run exits elsewhere
+    moved = [{**rows[3], "min_layer": 2}]
+    res["rows"].append({**next(r for r in res["rows"] if r["variant"] == variants[4].label),
+                        "variant": study_cell.variant_of(moved[0]).label})
+    bad = study_cell.check_against_study(path, sorted(set(doc_ids)), doc_ids, moved, res["rows"])
+    assert not bad["variants"][study_cell.variant_of(moved[0]).label]["exits_equal"]
+
+    res["study_cell"] = {"cell": "sst2@0", "batch_sizes": [1, 3], "check": check,
+                         "rows": [{"variant": study_cell.variant_of(r).label, **r} for r in rows]}
+    text = format_tables([res])
+    assert "The study's calibrated points" in text and text.count("| yes ") == len(rows)
+
+
+def test_study_points_keep_the_rules_that_exit_and_refuse_bad_input_in_one_line(tmp_path):
+    rows = [{"model": "m", "task": "sst2", "shots": 4, "setting": "intra", "criterion": "agreement", "policy": p,
+             "threshold": 0.5, "min_layer": m, "layers": 24, "n_test": 10}
+            for p, m in (("margin", 17), ("simlens", 24), ("svm", 10), ("static", 20))]
+    rows.append({**rows[0], "criterion": "accuracy", "min_layer": 5})
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"rows": rows}))
+    kept = study_cell.study_points(results, "m", "sst2@4")
+    assert [(r["policy"], r["min_layer"]) for r in kept] == [("margin", 17), ("static", 20)]  # no svm, no never-exit
+    assert study_cell.study_points(results, "m", "sst2@4", criterion="accuracy")[0]["min_layer"] == 5
+    with pytest.raises(AdaInferError, match="no intra agreement rows of m on sst2@0.*m:sst2@4"):
+        study_cell.study_points(results, "m", "sst2@0")
+    with pytest.raises(AdaInferError, match="cannot read the study's results"):
+        study_cell.study_points(tmp_path / "missing.json", "m", "sst2@4")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(AdaInferError, match="cannot read the study's results"):
+        study_cell.study_points(tmp_path / "bad.json", "m", "sst2@4")
+    assert study_cell.check_against_study(tmp_path / "none.parquet", [], [], [], []) == {
+        "collection": str(tmp_path / "none.parquet"), "present": False}
