@@ -83,3 +83,13 @@ def tiny_models(tiny_model_dirs) -> dict:
     return {
         name: tf.AutoModelForCausalLM.from_pretrained(folder).eval() for name, folder in tiny_model_dirs.items()
     }
+
+
+@pytest.fixture
+def one_thread():
+    """Torch at one thread for the test: tiny matrices gain nothing from threads, and OpenMP
+    threads spin badly when the CPUs are shared (a 4x4 matmul then takes ~20 ms)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 import transformers as tf
 
 from adainfer_lmeval.experiments import benchmark
@@ -19,16 +18,6 @@ from adainfer_lmeval.experiments.bench.variants import Variant, variants_for
 def tiny(tiny_model_dirs):
     folder = tiny_model_dirs["llama"]
     return tf.AutoModelForCausalLM.from_pretrained(folder).eval(), tf.AutoTokenizer.from_pretrained(folder)
-
-
-@pytest.fixture
-def one_thread():
-    # Tiny matrices gain nothing from threads, and OpenMP threads spin badly when the CPUs
-    # are shared (a 4x4 matmul then takes ~20 ms): one thread keeps this test at seconds.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def test_benchmark_table_on_tiny_model(tiny, tmp_path, one_thread):

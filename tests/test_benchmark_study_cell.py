@@ -12,7 +12,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 import transformers as tf
 
 from adainfer_lmeval.errors import AdaInferError
@@ -22,14 +21,6 @@ from adainfer_lmeval.experiments.bench.runs import benchmark_model
 from adainfer_lmeval.experiments.bench.variants import Variant, make_backend
 
 DOCS = 8
-
-
-@pytest.fixture
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +56,7 @@ def test_the_benchmark_runs_the_studys_documents_and_exits_where_the_study_does(
     folder, path, data = cell
     model, tokenizer = tf.AutoModelForCausalLM.from_pretrained(folder).eval(), tf.AutoTokenizer.from_pretrained(folder)
     requests, doc_ids = study_cell.cell_requests(make_backend(Variant("hf"), model, tokenizer, 1), "sst2@0", DOCS)
-    assert len(requests) == 2 * DOCS and sorted(set(doc_ids)) == sorted(int(k.split(":")[-1]) for k in data.keys)
+    assert len(requests) == 2 * DOCS and sorted(set(doc_ids)) == sorted(data.keys)
 
     rows = _rows(data)
     variants = [Variant("full")] + [study_cell.variant_of(r) for r in rows]
@@ -100,6 +91,8 @@ def test_study_points_keep_the_rules_that_exit_and_refuse_bad_input_in_one_line(
     rows = [{"model": "m", "task": "sst2", "shots": 4, "setting": "intra", "criterion": "agreement", "policy": p,
              "threshold": 0.5, "min_layer": m, "layers": 24, "n_test": 10}
             for p, m in (("margin", 17), ("simlens", 24), ("svm", 10), ("static", 20))]
+    for row in rows:
+        row.update(layers_saved=0.1, delta_points=0.0, mean_exit_layer=20.0)
     rows.append({**rows[0], "criterion": "accuracy", "min_layer": 5})
     results = tmp_path / "results.json"
     results.write_text(json.dumps({"rows": rows}))
@@ -113,5 +106,39 @@ def test_study_points_keep_the_rules_that_exit_and_refuse_bad_input_in_one_line(
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(AdaInferError, match="cannot read the study's results"):
         study_cell.study_points(tmp_path / "bad.json", "m", "sst2@4")
+    results.write_text(json.dumps({"rows": [{k: v for k, v in rows[0].items() if k != "threshold"}]}))
+    with pytest.raises(AdaInferError, match="rows of margin lack some of"):
+        study_cell.study_points(results, "m", "sst2@4")
+    with pytest.raises(AdaInferError, match="bad task spec"):
+        study_cell.study_points(results, "m", "sst2@x")
     assert study_cell.check_against_study(tmp_path / "none.parquet", [], [], [], []) == {
         "collection": str(tmp_path / "none.parquet"), "present": False}
+
+
+def test_the_clock_plot_reads_time_and_flops_saved_off_study_cell_runs(tmp_path):
+    from adainfer_lmeval.experiments.bench.clock_plot import clock_points, main
+
+    rows = [{"variant": "full", "batch": 1, "ideal_speedup": 1.0, "measured_speedup": 1.0},
+            {"variant": "margin(margin=0.7,min_layer=17)", "batch": 1, "ideal_speedup": 1.25, "measured_speedup": 1.1},
+            {"variant": "margin(margin=0.7,min_layer=17)", "batch": 8, "ideal_speedup": 1.25, "measured_speedup": 1.25}]
+    run = {"results": [{"model": "m", "rows": rows, "study_cell": {
+        "cell": "sst2@4", "doc_ids": ["sst2:1", "sst2:2"],
+        "rows": [{"variant": "margin(margin=0.7,min_layer=17)", "policy": "margin"}]}}]}
+    path = tmp_path / "benchmark.json"
+    path.write_text(json.dumps(run))
+    points = clock_points([path])
+    assert [(p["policy"], p["batch"]) for p in points] == [("margin", 1), ("margin", 8)]  # full depth is no point
+    assert points[0]["flops_saved"] == pytest.approx(20.0) and points[0]["time_saved"] == pytest.approx(100 / 11)
+    assert points[1]["time_saved"] == pytest.approx(20.0) and points[0]["documents"] == 2
+    out = tmp_path / "clock.png"
+    assert main([str(path), "--out", str(out)]) == 0 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps({"results": [{"model": "m", "rows": rows}]}))
+    with pytest.raises(AdaInferError, match="none of these benchmark files has a --study_cell run"):
+        clock_points([plain])
+    (tmp_path / "odd.json").write_text(json.dumps({"results": [1]}))
+    with pytest.raises(AdaInferError, match="odd.json: not a benchmark.json"):
+        clock_points([tmp_path / "odd.json"])
+    (tmp_path / "bad.json").write_text("[1, 2")
+    assert main([str(tmp_path / "bad.json"), "--out", str(out)]) == 2

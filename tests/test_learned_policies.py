@@ -278,7 +278,7 @@ def test_policy_list_command(trained, monkeypatch, capsys):
 @pytest.mark.real
 def test_shipped_svm_runs_on_smollm2_arc():
     """policy=svm on smollm2-135m loads policies/smollm2-135m/svm.json and scores ARC requests."""
-    from adainfer_lmeval.experiments.collect import load_tasks
+    from adainfer_lmeval.experiments.task_documents import load_tasks
     from adainfer_lmeval.adapter.backend import AdaInferLM
 
     assert policy_files.shipped_path("smollm2-135m", "svm").exists(), "the smollm2-135m SVM policy is not shipped"

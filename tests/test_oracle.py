@@ -126,7 +126,8 @@ def test_oracle_layers_on_real_weights_match_the_full_trace():
     import transformers
 
     from adainfer_lmeval.adapter.backend import AdaInferLM
-    from adainfer_lmeval.experiments.collect import DEFAULT_FEWSHOT_SEED, build_examples, load_tasks
+    from adainfer_lmeval.experiments.collect import build_examples
+    from adainfer_lmeval.experiments.task_documents import DEFAULT_FEWSHOT_SEED, load_tasks
     from adainfer_lmeval.offline.data.fetch import fetch_data
     from adainfer_lmeval.offline.models.fetch import fetch_model
 

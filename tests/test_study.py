@@ -25,7 +25,8 @@ from adainfer_lmeval.experiments import study_policies as sp
 from adainfer_lmeval.experiments import study_report as sr
 from adainfer_lmeval.experiments import study_tasks as stt
 from adainfer_lmeval.experiments.calibration import CRITERIA, evaluate, exit_layers
-from adainfer_lmeval.experiments.collect import Example, sample_docs, trace_examples
+from adainfer_lmeval.experiments.collect import Example, trace_examples
+from adainfer_lmeval.experiments.task_documents import sample_docs
 from adainfer_lmeval.experiments.study_evaluation import run_study
 from adainfer_lmeval.experiments.training_data import OPTION_SIGNALS, Data, option_signal_columns
 from adainfer_lmeval.policies import build_policy

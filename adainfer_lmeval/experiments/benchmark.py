@@ -19,6 +19,9 @@ Timing on a shared CPU: OpenMP threads spin badly when the cores are oversubscri
 benchmark first waits (up to ``--wait_quiet`` minutes) for the 1-minute load average to drop
 below ``--max_load`` and records the load throughout; numbers taken under load are marked.
 
+``--study_cell TASK@SHOTS`` times the study's calibrated rules instead, on the study's test
+documents of that cell (:mod:`.bench.study_cell`), and checks every exit against the study's.
+
 This module is the command line; the parts are in :mod:`.bench`: ``variants`` (what is compared),
 ``requests``, ``runs`` (the interleaved passes), ``decision`` (decision cost, picker recall),
 ``timing`` and ``machine`` (shared with the GPU check), ``report``.
@@ -146,9 +149,9 @@ def main(argv: list[str] | None = None) -> int:
             variants = [Variant("hf"), Variant("full")] + [study_cell.variant_of(r) for r in cell_rows[name]]
             n_test = max(r["n_test"] for r in cell_rows[name]) if cell_rows[name] else 0
             requests, doc_ids = study_cell.cell_requests(tokenizing_lm, a.study_cell, n_test)
-            sampled = sorted(set(doc_ids))
-            if a.docs is not None:  # the first DOCS documents of the study's (sorted by id)
-                keep = set(sorted(set(doc_ids))[: a.docs])
+            sampled = sorted(set(doc_ids), key=study_cell.document_order)
+            if a.docs is not None:  # the first DOCS documents of the study's, by task and row
+                keep = set(sampled[: a.docs])
                 requests, doc_ids = map(list, zip(*[(r, d) for r, d in zip(requests, doc_ids) if d in keep]))
             counts[name] = {a.study_cell: {"documents": len(set(doc_ids)), "requests": len(requests)}}
         else:
@@ -163,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             collection = Path(a.study_collections) / name / f"{a.study_cell}-test.parquet"
             res["study_cell"] = {
                 "cell": a.study_cell, "setting": a.study_setting, "criterion": a.study_criterion,
-                "results_file": a.study_results, "batch_sizes": batch_sizes, "doc_ids": sorted(set(doc_ids)),
+                "results_file": a.study_results, "batch_sizes": batch_sizes, "doc_ids": sorted(set(doc_ids), key=study_cell.document_order),
                 "rows": [{"variant": study_cell.variant_of(r).label, **{k: r[k] for k in (
                     "policy", "threshold", "min_layer", "layers_saved", "delta_points", "mean_exit_layer", "n_test")}}
                     for r in cell_rows[name]],

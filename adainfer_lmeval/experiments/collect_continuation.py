@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from adainfer_lmeval.adapter import request_encoding
 from adainfer_lmeval.core.continuation import carried_positions
 from adainfer_lmeval.errors import AdaInferError
-from adainfer_lmeval.experiments.collect import Example, build_examples, examples_hash, load_tasks, read_collection
+from adainfer_lmeval.experiments.collect import Example, build_examples, examples_hash, read_collection
+from adainfer_lmeval.experiments.task_documents import load_tasks
 from adainfer_lmeval.offline.pypi import package_versions
 
 CONTINUATION_SCHEMA_VERSION = 1

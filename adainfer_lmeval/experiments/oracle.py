@@ -24,7 +24,8 @@ import torch
 from adainfer_lmeval.adapter import request_encoding
 from adainfer_lmeval.core.accounting import summarize
 from adainfer_lmeval.core.engine import ExitBatch
-from adainfer_lmeval.experiments.collect import DEFAULT_FEWSHOT_SEED, Example, build_examples, load_tasks
+from adainfer_lmeval.experiments.collect import Example, build_examples
+from adainfer_lmeval.experiments.task_documents import DEFAULT_FEWSHOT_SEED, load_tasks
 
 HEAD_ROWS = 256  # positions per head call: a matmul that is not bound by reading the head, a bounded logits block
 STATE_BYTES = 256 << 20  # every-layer hidden states kept at once: documents wait for the head in sets this big

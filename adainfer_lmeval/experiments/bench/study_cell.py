@@ -23,25 +23,38 @@ import numpy as np
 from adainfer_lmeval.errors import AdaInferError
 from adainfer_lmeval.experiments.bench.variants import Variant
 
-RULES = ("threshold", "margin", "static", "simlens", "simlens_static", "margin_simlens")
+ROW_FIELDS = ("policy", "threshold", "min_layer", "layers", "n_test", "layers_saved", "delta_points", "mean_exit_layer")
+
+
+def rules() -> tuple[str, ...]:
+    """The study's policies that run from model args alone (every one but the fitted classifiers)."""
+    from adainfer_lmeval.experiments.study_policies import CLASSIFIERS, STUDY_POLICIES
+
+    return tuple(p for p in STUDY_POLICIES if p not in CLASSIFIERS)
 
 
 def study_points(results_file: Path, model: str, cell: str, setting: str = "intra",
                  criterion: str = "agreement") -> list[dict]:
     """The study's rows of ``model`` on ``cell`` (``task@shots``) for the rules that exit at all:
     each with its policy, point (threshold, min_layer), layers saved, Δ and mean exit layer."""
+    from adainfer_lmeval.experiments.study_tasks import StudyTask
+
+    task = StudyTask.parse(cell)
     try:
-        rows = json.loads(Path(results_file).read_text())["rows"]
+        rows = [r for r in json.loads(Path(results_file).read_text())["rows"] if isinstance(r, dict)]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise AdaInferError(f"cannot read the study's results from {results_file} ({type(exc).__name__}: {exc}); "
                             "run the study first (reports/study/README.md) or pass --study_results FILE") from None
-    task, _, shots = cell.partition("@")
-    found = [r for r in rows if r.get("model") == model and r.get("task") == task and r.get("shots") == int(shots or 0)
-             and r.get("setting") == setting and r.get("criterion") == criterion and r.get("policy") in RULES]
+    found = [r for r in rows if r.get("model") == model and r.get("task") == task.name and r.get("shots") == task.shots
+             and r.get("setting") == setting and r.get("criterion") == criterion and r.get("policy") in rules()]
+    broken = [r.get("policy") for r in found if any(k not in r for k in ROW_FIELDS)]
+    if broken:
+        raise AdaInferError(f"{results_file}: the rows of {', '.join(map(str, broken))} lack some of {', '.join(ROW_FIELDS)}; "
+                            "write the file again with the study command (reports/study/README.md)")
     if not found:
         raise AdaInferError(f"{results_file} has no {setting} {criterion} rows of {model} on {cell}; "
-                            "study cells there: " + ", ".join(sorted({f"{r['model']}:{r['task']}@{r['shots']}"
-                                                                       for r in rows if "model" in r})))
+                            "study cells there: " + ", ".join(sorted({f"{r.get('model')}:{r.get('task')}@{r.get('shots')}"
+                                                                       for r in rows})))
     return [r for r in found if r["min_layer"] < r["layers"]]
 
 
@@ -54,11 +67,18 @@ def variant_of(row: dict) -> Variant:
     return Variant(str(args.pop("policy")), args)
 
 
-def cell_requests(lm, cell: str, n_docs: int, seed: int = 0) -> tuple[list, list[int]]:
+def document_order(key: str) -> tuple[str, int]:
+    """Sort key of a ``task:doc_id`` document: by task, then by row number."""
+    task, _, doc_id = key.rpartition(":")
+    return task, int(doc_id)
+
+
+def cell_requests(lm, cell: str, n_docs: int, seed: int = 0) -> tuple[list, list[str]]:
     """The loglikelihood requests of the study's ``n_docs`` test documents of ``cell`` (drawn as
-    :func:`~adainfer_lmeval.experiments.study_tasks.collect_all` draws them) and, per request, its document id."""
+    :func:`~adainfer_lmeval.experiments.study_tasks.collect_all` draws them) and, per request, its
+    document as a collection names it (``task:doc_id``: MMLU's subjects number their rows alike)."""
     from adainfer_lmeval.adapter.loglikelihood import tokenized_requests
-    from adainfer_lmeval.experiments.collect import DEFAULT_FEWSHOT_SEED, load_tasks, sample_docs, task_instances
+    from adainfer_lmeval.experiments.task_documents import DEFAULT_FEWSHOT_SEED, load_tasks, sample_docs, task_instances
     from adainfer_lmeval.experiments.study_tasks import StudyTask, doc_filter_for
 
     task = StudyTask.parse(cell)
@@ -70,12 +90,12 @@ def cell_requests(lm, cell: str, n_docs: int, seed: int = 0) -> tuple[list, list
         for doc_id, instances in task_instances(lm, tasks[name], ids, task.shots, DEFAULT_FEWSHOT_SEED).items():
             encoded = tokenized_requests(lm, instances)
             requests.extend(encoded)
-            doc_ids.extend([doc_id] * len(encoded))
+            doc_ids.extend([f"{name}:{doc_id}"] * len(encoded))
     return requests, doc_ids
 
 
-def offline_exits(collection: Path, row: dict) -> dict[int, int]:
-    """{doc id: exit layer} of ``row``'s rule at its point, evaluated on the study's collection
+def offline_exits(collection: Path, row: dict) -> dict[str, int]:
+    """{document (``task:doc_id``): exit layer} of ``row``'s rule at its point, evaluated on the study's collection
     (the study's own offline evaluation: :func:`~adainfer_lmeval.experiments.study_policies.document_outcomes`)."""
     from adainfer_lmeval.experiments.collect_continuation import continuation_is_current, continuation_path
     from adainfer_lmeval.experiments.study_policies import document_outcomes
@@ -86,10 +106,10 @@ def offline_exits(collection: Path, row: dict) -> dict[int, int]:
         data = with_continuation(data, collection)
     point = {"threshold": row["threshold"], "min_layer": row["min_layer"]}
     exits = document_outcomes(row["policy"], None, data, point).exits
-    return {int(key.split(":")[-1]): int(layer) for key, layer in zip(data.keys, exits)}
+    return {key: int(layer) for key, layer in zip(data.keys, exits)}
 
 
-def check_against_study(collection: Path, sampled: list[int], doc_ids: list[int], rows: list[dict],
+def check_against_study(collection: Path, sampled: list[str], doc_ids: list[str], rows: list[dict],
                         bench_rows: list[dict]) -> dict:
     """Whether the documents drawn (``sampled``, before ``--docs``) are the study's test documents and
     the benchmark's requests (of documents ``doc_ids``) exited where the study's offline evaluation
@@ -98,8 +118,8 @@ def check_against_study(collection: Path, sampled: list[int], doc_ids: list[int]
         return {"collection": str(collection), "present": False}
     from adainfer_lmeval.experiments.training_data import load_data
 
-    study_docs = sorted(int(k.split(":")[-1]) for k in load_data(collection).keys)
-    out = {"collection": str(collection), "present": True, "same_documents": study_docs == sorted(set(sampled)),
+    study_docs = load_data(collection).keys
+    out = {"collection": str(collection), "present": True, "same_documents": set(study_docs) == set(sampled),
            "variants": {}}
     for row in rows:
         label = variant_of(row).label
@@ -108,6 +128,6 @@ def check_against_study(collection: Path, sampled: list[int], doc_ids: list[int]
         out["variants"][label] = {
             "policy": row["policy"],
             "exits_equal": all(r["exit_layers"] == [expected.get(d) for d in doc_ids] for r in ran),
-            "offline_mean_exit": float(np.mean([expected[d] for d in sorted(set(doc_ids)) if d in expected])),
+            "offline_mean_exit": float(np.mean([expected[d] for d in set(doc_ids) if d in expected])),
         }
     return out
