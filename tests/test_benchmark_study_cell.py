@@ -87,7 +87,7 @@ def test_the_benchmark_runs_the_studys_documents_and_exits_where_the_study_does(
     assert "The study's calibrated points" in text and text.count("| yes ") == len(rows)
 
 
-def test_study_points_keep_the_rules_that_exit_and_refuse_bad_input_in_one_line(tmp_path):
+def test_study_points_keep_the_rules_that_exit_and_refuse_bad_input_in_one_line(tmp_path, capsys):
     rows = [{"model": "m", "task": "sst2", "shots": 4, "setting": "intra", "criterion": "agreement", "policy": p,
              "threshold": 0.5, "min_layer": m, "layers": 24, "n_test": 10}
             for p, m in (("margin", 17), ("simlens", 24), ("svm", 10), ("static", 20))]
@@ -111,6 +111,12 @@ def test_study_points_keep_the_rules_that_exit_and_refuse_bad_input_in_one_line(
         study_cell.study_points(results, "m", "sst2@4")
     with pytest.raises(AdaInferError, match="bad task spec"):
         study_cell.study_points(results, "m", "sst2@x")
+    # the command: one line, before any model loads, when no rule exits on the cell
+    from adainfer_lmeval.experiments import benchmark
+
+    results.write_text(json.dumps({"rows": [rows[1]]}))  # simlens at min_layer 24 of 24: never exits
+    assert benchmark.main(["--models", "m", "--study_cell", "sst2@4", "--study_results", str(results)]) == 2
+    assert "no rule of the study exits on m sst2@4" in capsys.readouterr().err
     assert study_cell.check_against_study(tmp_path / "none.parquet", [], [], [], []) == {
         "collection": str(tmp_path / "none.parquet"), "present": False}
 

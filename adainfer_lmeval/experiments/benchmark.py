@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from adainfer_lmeval.errors import AdaInferError
 from adainfer_lmeval.experiments.bench.machine import OTHERS_QUIET, loadavg, run_environment, wait_until_quiet
 from adainfer_lmeval.experiments.bench.report import format_tables, write_report
 from adainfer_lmeval.experiments.bench.requests import build_requests
@@ -89,7 +90,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --study_cell: the first DOCS of the cell's test documents (default: all of them)")
     parser.add_argument("--output_dir", default="reports/benchmark")
     a = parser.parse_args(argv)
+    try:
+        return run(a, parser, argv)
+    except AdaInferError as error:
+        print(f"benchmark: error: {error}", file=sys.stderr)
+        return 2
 
+
+def run(a: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str]) -> int:
+    """The benchmark of the parsed command line ``a``."""
     import transformers
 
     from adainfer_lmeval.offline.models.fetch import resolve_pretrained
@@ -124,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
 
         cell_rows = {name: study_cell.study_points(Path(a.study_results), name, a.study_cell, a.study_setting,
                                                    a.study_criterion) for name in models}
+        for name, rows in cell_rows.items():
+            if not rows:
+                raise AdaInferError(f"no rule of the study exits on {name} {a.study_cell} at {a.study_setting} "
+                                    f"{a.study_criterion} (every point is the never-exit one): nothing to time; "
+                                    "try another --study_criterion or cell")
     else:
         check_tasks_available(sorted({t for limits in task_limits.values() for t in limits}))
     from adainfer_lmeval.adapter.harness import task_manager
@@ -147,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizing_lm = make_backend(Variant("hf"), model, tokenizer, 1, a.device)
         if a.study_cell:
             variants = [Variant("hf"), Variant("full")] + [study_cell.variant_of(r) for r in cell_rows[name]]
-            n_test = max(r["n_test"] for r in cell_rows[name]) if cell_rows[name] else 0
+            n_test = max(r["n_test"] for r in cell_rows[name])
             requests, doc_ids = study_cell.cell_requests(tokenizing_lm, a.study_cell, n_test)
             sampled = sorted(set(doc_ids), key=study_cell.document_order)
             if a.docs is not None:  # the first DOCS documents of the study's, by task and row

@@ -11,7 +11,7 @@ COLUMNS = ["model", "batch", "variant", "mean layers", "ideal speedup", "measure
            "time vs hf", "median s", "requests", "same exits as full checks"]
 
 
-def f(v, fmt):
+def _fmt(v, fmt):
     return "-" if v is None else format(v, fmt)
 
 
@@ -20,10 +20,10 @@ def table_rows(results: list[dict]) -> list[list]:
     for res in results:
         for r in res["rows"]:
             layers = "-" if r["mean_layers"] is None else f"{r['mean_layers']:.1f}/{res['num_layers']}"
-            out.append([r["model"], r["batch"], r["variant"], layers, f(r["ideal_speedup"], ".2f"),
-                        f(r["measured_speedup"], ".2f"), f(r["measured_over_ideal"], ".2f"),
-                        f(r["time_vs_hf"], ".3f"), f(r["median_s"], ".2f"), r["requests"],
-                        f(None if r.get("same_exit_as_full_checks") is None else 100 * r["same_exit_as_full_checks"], ".0f")])
+            out.append([r["model"], r["batch"], r["variant"], layers, _fmt(r["ideal_speedup"], ".2f"),
+                        _fmt(r["measured_speedup"], ".2f"), _fmt(r["measured_over_ideal"], ".2f"),
+                        _fmt(r["time_vs_hf"], ".3f"), _fmt(r["median_s"], ".2f"), r["requests"],
+                        _fmt(None if r.get("same_exit_as_full_checks") is None else 100 * r["same_exit_as_full_checks"], ".0f")])
     return out
 
 
@@ -97,7 +97,7 @@ def format_tables(results: list[dict]) -> str:
     cells = [[res["model"], res["study_cell"]["cell"], s["variant"], s["policy"], f"{100 * s['layers_saved']:.1f}",
               f"{s['delta_points']:+.1f}", _offline_exit(res["study_cell"]["check"], s["variant"]),
               _bench_exit(res, s["variant"])]
-             + [f(_time_saved(res, s["variant"], bs), ".1f") for bs in res["study_cell"]["batch_sizes"]]
+             + [_fmt(_time_saved(res, s["variant"], bs), ".1f") for bs in res["study_cell"]["batch_sizes"]]
              + [_equal(res["study_cell"]["check"], s["variant"])]
              for res in results if res.get("study_cell") for s in res["study_cell"]["rows"]]
     cell_table = "" if not cells else tabulate(
