@@ -142,7 +142,7 @@ def run(a: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str])
         check_tasks_available(sorted({t for limits in task_limits.values() for t in limits}))
     from adainfer_lmeval.adapter.harness import task_manager
 
-    manager = task_manager()
+    manager = None if a.study_cell else task_manager()  # a study cell's tasks load through task_documents
     results, counts, waits = [], {}, {}
     started = time.time()
     for name in models:

@@ -179,12 +179,21 @@ def collect_all(plan: list[StudyModel], root: Path, seed: int = 0, log=print, co
         del lm
 
 
-def load_collections(root: Path, plan: list[StudyModel]) -> dict:
-    """{(model, task label, role): training_data.Data} for every collected file, with its
-    continuation read-out where one was collected for it."""
+def load_collection(path: Path):
+    """One collected file as ``training_data.Data``, with its continuation read-out where a current
+    one was collected beside it."""
     from adainfer_lmeval.experiments.collect_continuation import continuation_is_current, continuation_path
     from adainfer_lmeval.experiments.training_data import load_data, with_continuation
 
+    data = load_data(path)
+    if continuation_is_current(continuation_path(path), data.meta):
+        data = with_continuation(data, path)
+    return data
+
+
+def load_collections(root: Path, plan: list[StudyModel]) -> dict:
+    """{(model, task label, role): training_data.Data} for every collected file, with its
+    continuation read-out where one was collected for it."""
     out = {}
     for study_model in plan:
         for task in study_model.tasks:
@@ -192,10 +201,7 @@ def load_collections(root: Path, plan: list[StudyModel]) -> dict:
                 path = collection_path(root, study_model.name, task, role)
                 if not path.exists():
                     raise AdaInferError(f"{path} is missing: run the study without --skip-collect (or with --collect-only) first")
-                data = load_data(path)
-                if continuation_is_current(continuation_path(path), data.meta):
-                    data = with_continuation(data, path)
-                out[(study_model.name, task.label, role)] = data
+                out[(study_model.name, task.label, role)] = load_collection(path)
     return out
 
 

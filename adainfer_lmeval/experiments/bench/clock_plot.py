@@ -62,13 +62,13 @@ def plot_clock(points: list[dict], out: Path) -> Path:
     colours = dict(zip(policies, plt.get_cmap("tab10").colors))
     cells = sorted({(p["model"], p["cell"], p["documents"]) for p in points})
     markers = dict(zip(cells, "osD^vP"))
+    low = min(min(p["flops_saved"], p["time_saved"]) for p in points) - 3
+    high = max(max(p["flops_saved"], p["time_saved"]) for p in points) + 3
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), sharex=True, sharey=True)
     for ax, batched in zip(axes, (False, True)):
         for p in (p for p in points if (p["batch"] > 1) == batched):
             ax.scatter(p["flops_saved"], p["time_saved"], color=colours[p["policy"]],
                        marker=markers[(p["model"], p["cell"], p["documents"])], s=60, edgecolor="black", linewidth=0.5)
-        low = min(min(p["flops_saved"], p["time_saved"]) for p in points) - 3
-        high = max(max(p["flops_saved"], p["time_saved"]) for p in points) + 3
         ax.plot([low, high], [low, high], color="grey", linestyle="--", linewidth=1, label="time saved = FLOPs saved")
         ax.axhline(0, color="black", linewidth=0.6)
         ax.set_title("batch 1" if not batched else "batched (8-16 rows)")

@@ -22,15 +22,13 @@ import numpy as np
 
 from adainfer_lmeval.errors import AdaInferError
 from adainfer_lmeval.experiments.bench.variants import Variant
+from adainfer_lmeval.experiments.study_policies import CLASSIFIERS, STUDY_POLICIES, document_outcomes
 
 ROW_FIELDS = ("policy", "threshold", "min_layer", "layers", "n_test", "layers_saved", "delta_points", "mean_exit_layer")
 
 
-def rules() -> tuple[str, ...]:
-    """The study's policies that run from model args alone (every one but the fitted classifiers)."""
-    from adainfer_lmeval.experiments.study_policies import CLASSIFIERS, STUDY_POLICIES
-
-    return tuple(p for p in STUDY_POLICIES if p not in CLASSIFIERS)
+#: the study's policies that run from model args alone (every one but the fitted classifiers)
+RULES = tuple(p for p in STUDY_POLICIES if p not in CLASSIFIERS)
 
 
 def study_points(results_file: Path, model: str, cell: str, setting: str = "intra",
@@ -46,7 +44,7 @@ def study_points(results_file: Path, model: str, cell: str, setting: str = "intr
         raise AdaInferError(f"cannot read the study's results from {results_file} ({type(exc).__name__}: {exc}); "
                             "run the study first (reports/study/README.md) or pass --study_results FILE") from None
     found = [r for r in rows if r.get("model") == model and r.get("task") == task.name and r.get("shots") == task.shots
-             and r.get("setting") == setting and r.get("criterion") == criterion and r.get("policy") in rules()]
+             and r.get("setting") == setting and r.get("criterion") == criterion and r.get("policy") in RULES]
     broken = [r.get("policy") for r in found if any(k not in r for k in ROW_FIELDS)]
     if broken:
         raise AdaInferError(f"{results_file}: the rows of {', '.join(map(str, broken))} lack some of {', '.join(ROW_FIELDS)}; "
@@ -94,16 +92,10 @@ def cell_requests(lm, cell: str, n_docs: int, seed: int = 0) -> tuple[list, list
     return requests, doc_ids
 
 
-def offline_exits(collection: Path, row: dict) -> dict[str, int]:
-    """{document (``task:doc_id``): exit layer} of ``row``'s rule at its point, evaluated on the study's collection
-    (the study's own offline evaluation: :func:`~adainfer_lmeval.experiments.study_policies.document_outcomes`)."""
-    from adainfer_lmeval.experiments.collect_continuation import continuation_is_current, continuation_path
-    from adainfer_lmeval.experiments.study_policies import document_outcomes
-    from adainfer_lmeval.experiments.training_data import load_data, with_continuation
-
-    data = load_data(collection)
-    if continuation_is_current(continuation_path(collection), data.meta):
-        data = with_continuation(data, collection)
+def offline_exits(data, row: dict) -> dict[str, int]:
+    """{document (``task:doc_id``): exit layer} of ``row``'s rule at its point on the study's
+    collection ``data`` (the study's own offline evaluation:
+    :func:`~adainfer_lmeval.experiments.study_policies.document_outcomes`)."""
     point = {"threshold": row["threshold"], "min_layer": row["min_layer"]}
     exits = document_outcomes(row["policy"], None, data, point).exits
     return {key: int(layer) for key, layer in zip(data.keys, exits)}
@@ -113,21 +105,22 @@ def check_against_study(collection: Path, sampled: list[str], doc_ids: list[str]
                         bench_rows: list[dict]) -> dict:
     """Whether the documents drawn (``sampled``, before ``--docs``) are the study's test documents and
     the benchmark's requests (of documents ``doc_ids``) exited where the study's offline evaluation
-    does, per variant (at every batch size); only ``present: False`` where no collection is on disk."""
+    does, per variant (at every batch size it ran; a variant it did not run is not equal); only
+    ``present: False`` where no collection is on disk."""
     if not Path(collection).exists():
         return {"collection": str(collection), "present": False}
-    from adainfer_lmeval.experiments.training_data import load_data
+    from adainfer_lmeval.experiments.study_tasks import load_collection
 
-    study_docs = load_data(collection).keys
-    out = {"collection": str(collection), "present": True, "same_documents": set(study_docs) == set(sampled),
+    data = load_collection(Path(collection))
+    out = {"collection": str(collection), "present": True, "same_documents": set(data.keys) == set(sampled),
            "variants": {}}
     for row in rows:
         label = variant_of(row).label
-        expected = offline_exits(collection, row)
+        expected = offline_exits(data, row)
         ran = [r for r in bench_rows if r["variant"] == label]
         out["variants"][label] = {
             "policy": row["policy"],
-            "exits_equal": all(r["exit_layers"] == [expected.get(d) for d in doc_ids] for r in ran),
+            "exits_equal": bool(ran) and all(r["exit_layers"] == [expected.get(d) for d in doc_ids] for r in ran),
             "offline_mean_exit": float(np.mean([expected[d] for d in set(doc_ids) if d in expected])),
         }
     return out
