@@ -45,6 +45,37 @@ def test_filled_carries_equal_the_layers_run_with_the_prompt_held_at_the_start_l
         torch.testing.assert_close(last[0], states[-1][0, decision:], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_a_carry_through_the_last_k_layers_skips_to_them_with_the_prompt_held_at_the_start_layer(tiny_models, arch):
+    stack = DecoderStack(tiny_models[arch])
+    L = stack.num_layers
+    ids = torch.randint(4, stack.vocab_size, (1, 9), generator=torch.Generator().manual_seed(5))
+    decision = 5
+    with torch.no_grad():
+        states, inputs = _states(stack, ids)
+        starts = list(range(1, L))
+        carried = filled_carry(stack, states, decision, starts, last_layers=1)
+        for b, start in enumerate(starts):
+            # the last layer alone over the whole row at layer `start`'s states: its K/V are the
+            # prompt's projected from them, as a fill writes them
+            out = stack.run_layer(L - 1, states[start], inputs)
+            torch.testing.assert_close(carried[b], out[0, decision:], atol=1e-5, rtol=1e-5)
+        # K at least the remaining layers: the filled carry itself
+        torch.testing.assert_close(filled_carry(stack, states, decision, starts, last_layers=L),
+                                   filled_carry(stack, states, decision, starts), atol=1e-6, rtol=1e-6)
+
+
+def test_last_layers_is_a_comma_list_of_counts_or_all_and_anything_else_is_one_line():
+    from adainfer_lmeval.errors import AdaInferError
+    from adainfer_lmeval.experiments.filled_continuation import parse_last_layers, readout_name
+
+    assert parse_last_layers("1, 2,all") == [1, 2, None]
+    assert [readout_name(k) for k in parse_last_layers("all,3")] == ["filled", "last3"]
+    for bad in ("0", "x", "1,,2", "-1"):
+        with pytest.raises(AdaInferError, match="--last-layers"):
+            parse_last_layers(bad)
+
+
 def test_the_read_out_from_layer_L_minus_1_is_full_depth_and_nothing_is_read_below_the_first_carry(tiny_models):
     from adainfer_lmeval.experiments.collect import Example
     from adainfer_lmeval.experiments.filled_continuation import trace_filled
@@ -60,3 +91,49 @@ def test_the_read_out_from_layer_L_minus_1_is_full_depth_and_nothing_is_read_bel
     torch.testing.assert_close(torch.tensor(logits[L - 2]), torch.tensor(logits[L - 1]), atol=1e-4, rtol=1e-4)
     assert all(torch.tensor(lls[layer]).isnan().all() and torch.tensor(logits[layer]).isnan().all() for layer in range(L - 2))
     assert len(set(logits[L - 1])) == 2  # two options' different tokens at the margin position
+
+
+def test_the_command_writes_its_tables_as_json_and_the_figure_draws_them(tiny_model_dirs, tmp_path, monkeypatch, capsys):
+    """End to end on a tiny model's study-style SST-2 cell: the filled read-outs collected beside
+    it, the JSON they are reported in and the figure drawn from it; from layer L-1 the filled and
+    the last-layer carries are full depth itself, so they agree with it on every document."""
+    import json
+
+    from adainfer_lmeval.adapter import backend
+    from adainfer_lmeval.experiments import filled_continuation, readout_plot
+    from adainfer_lmeval.experiments.collect import collect
+    from adainfer_lmeval.experiments.collect_continuation import collect_continuation
+    from adainfer_lmeval.experiments.study_tasks import StudyTask, doc_filter_for
+
+    folder = str(tiny_model_dirs["llama"])
+    real = backend.AdaInferLM
+    lm = real(pretrained=folder, policy="full", batch_size=1, device="cpu")
+    for role in ("train", "test"):
+        path = tmp_path / "collect" / "tiny" / f"sst2@0-{role}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        collect(folder, ["sst2"], [0], 6, path, seed=0, doc_filter=doc_filter_for(StudyTask.parse("sst2"), role), quiet=True)
+        collect_continuation(lm, path)
+    monkeypatch.setattr(backend, "AdaInferLM", lambda **kw: real(**{**kw, "pretrained": folder}))
+    out = tmp_path / "tiny_sst2.json"
+    args = ["--model", "tiny", "--task", "sst2@0", "--collect-dir", str(tmp_path / "collect"), "--from-layer", "2",
+            "--last-layers", "1,all", "--json", str(out)]
+    assert filled_continuation.main(args) == 0
+    assert f"wrote {tmp_path / 'collect'}" in capsys.readouterr().out
+    assert (tmp_path / "collect" / "tiny" / "sst2@0-test-last1.parquet").exists()
+    run = json.loads(out.read_text())
+    L = run["num_layers"]
+    for role in ("train", "test"):
+        agree = run["agreement"][role]
+        assert sorted(agree) == ["filled", "last1", "lens", "simlens"]
+        assert all(len(shares) == L - 1 for shares in agree.values())  # layers 2..L
+        assert agree["filled"][L - 1 - 2] == 1.0 and agree["last1"][L - 1 - 2] == 1.0
+    assert {r["readout"] for r in run["rows"]} == {"simlens", "last1", "filled"}
+    capsys.readouterr()
+    assert filled_continuation.main(args) == 0  # a second run reads the files back, traces nothing
+    assert f"wrote {tmp_path / 'collect'}" not in capsys.readouterr().out
+
+    png = tmp_path / "fig.png"
+    assert readout_plot.main([str(out), "--out", str(png)]) == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "bad.json").write_text('{"model": "m"}')
+    assert readout_plot.main([str(tmp_path / "bad.json"), "--out", str(png)]) == 2
+    assert "bad.json: not a filled-continuation result" in capsys.readouterr().err

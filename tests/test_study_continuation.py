@@ -11,6 +11,8 @@ group's computed rows' tokens.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -203,6 +205,10 @@ def hand_outcome(policy: str, data: Data, threshold: float, min_layer: int):
     """(exit layers, answers, read-out cost in layer equivalents) by the semantics, one document at a time."""
     c, L = data.continuation, data.num_layers
     exits, answers, costs = [], [], []
+
+    def runs(i, layer):  # the layers a carry from `layer` runs through
+        return L - layer if c.carry_layers is None else c.carry_layers[i, layer - 1]
+
     for i in range(len(data.keys)):
         score = {"simlens": c.margin[i], "margin_simlens": data.feats[i, :, -1], "simlens_static": np.ones(L)}[policy]
         exit_layer = next((layer for layer in range(min_layer, L) if score[layer - 1] >= threshold), L)
@@ -210,18 +216,23 @@ def hand_outcome(policy: str, data: Data, threshold: float, min_layer: int):
         # a check at every consulted layer, up to and with the exit layer (from min_layer = L,
         # the never-exit point, none: the backend runs it as policy=full)
         if policy == "simlens":
-            tokens += sum(c.check_tokens[i] * (L - layer) for layer in range(min_layer, min(exit_layer, L - 1) + 1))
+            tokens += sum(c.check_tokens[i] * runs(i, layer) for layer in range(min_layer, min(exit_layer, L - 1) + 1))
         if exit_layer < L:
-            tokens += (c.exit_tokens[i] - (c.reused_tokens[i] if policy == "simlens" else 0)) * (L - exit_layer)
+            tokens += (c.exit_tokens[i] - (c.reused_tokens[i] if policy == "simlens" else 0)) * runs(i, exit_layer)
         exits.append(exit_layer)
         answers.append(c.choice[i, exit_layer - 1] if exit_layer < L else data.choice[i, L - 1])
         costs.append(tokens / c.row_tokens[i])
     return np.array(exits), np.array(answers), np.array(costs)
 
 
+@pytest.mark.parametrize("last_layers", [None, 2])
 @pytest.mark.parametrize("policy", sp.CONTINUATION_POLICIES)
-def test_document_outcomes_by_hand(policy):
+def test_document_outcomes_by_hand(policy, last_layers):
     data = synthetic("sst2", 40, 7, 1)
+    if last_layers is not None:  # a read-out that carries through the model's last layers only
+        L = data.num_layers
+        runs = np.minimum(last_layers, L - np.arange(1, L + 1)).astype(float)
+        data = replace(data, continuation=replace(data.continuation, carry_layers=np.tile(runs, (len(data.keys), 1))))
     for threshold, min_layer in ((0.5, 1), (0.65, 3), (0.85, 2), (0.0, data.num_layers)):
         point = {"threshold": threshold, "min_layer": min_layer}
         outcome = sp.document_outcomes(policy, None, data, point)

@@ -113,7 +113,7 @@ class Readout:
         if readout is None:
             raise ValueError("no continuation read-out: collect it (adainfer_lmeval.experiments.collect_continuation) first")
         n, L = data.choice.shape
-        remaining = (L - np.arange(1, L + 1)).astype(np.float64)  # layers after layer l
+        remaining = readout.remaining_layers(L)  # [N, L] layers a carry from layer l runs through
         if answers:
             picked = readout.choice.copy()
             picked[:, L - 1] = data.choice[:, L - 1]
@@ -122,7 +122,7 @@ class Readout:
         else:
             picked, exit_cost = data.choice, np.zeros((n, L))
         check_tokens = readout.check_tokens if checks else np.zeros(n)
-        check_cost = (check_tokens / readout.row_tokens)[:, None] * remaining[: L - 1]
+        check_cost = (check_tokens / readout.row_tokens)[:, None] * remaining[:, : L - 1]
         return cls(picked, check_cost, exit_cost)
 
     @cached_property

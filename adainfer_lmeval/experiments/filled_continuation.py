@@ -9,17 +9,23 @@ projections only: CALM's state propagation, :meth:`DecoderStack.fill_kv`, as gen
 layers an exited token skipped). From layer L-1 it is the full forward exactly; from earlier layers
 only the prompt's upper-layer states are approximated, none are left out.
 
+A cheaper variant, ``--last-layers K``: a carry from layer l skips to the model's last K layers
+(``<collection>-last<K>.parquet``; the carry costs K layers, not L - l).
+
 Not in the engine, the policies or the study yet. This module computes the read-out for a study
 collection (offline, one row at a time), writes it in the continuation file's columns
 (``<collection>-filled.parquet`` beside it) and calibrates the study's three SimLens rules on the
 training documents with either read-out, scored on the test documents, both restricted to exits at
 layers >= ``--from-layer`` (the filled carries start there). Costs in layer equivalents, counted as
-the study counts SimLens's (carried tokens x remaining layers over the document's tokens) plus what
-filling adds per remaining layer: each prompt token's K/V projections
+the study counts SimLens's (carried tokens x the layers carried through over the document's tokens) plus what
+filling adds per layer carried through: each prompt token's K/V projections
 (``kv_matmul_params / layer_matmul_params`` of a token-layer, as the engine's generation charges a
 fill) and each carried token's attention over the prompt.
 
-    python -m adainfer_lmeval.experiments.filled_continuation --model smollm2-135m --task sst2@0 --from-layer 15
+    python -m adainfer_lmeval.experiments.filled_continuation --model smollm2-135m --task sst2@0 --from-layer 15 \
+        --last-layers 1,2,all --json reports/study/readouts/smollm2_sst2@0.json
+
+(``--json``: the tables as a file, which :mod:`.readout_plot` draws.)
 """
 
 from __future__ import annotations
@@ -40,10 +46,15 @@ from adainfer_lmeval.errors import AdaInferError
 from adainfer_lmeval.experiments.study_policies import CONTINUATION_POLICIES
 
 
-def filled_carry(stack, states: list[torch.Tensor], decision: int, starts: list[int]) -> torch.Tensor:
+def filled_carry(stack, states: list[torch.Tensor], decision: int, starts: list[int],
+                 last_layers: int | None = None) -> torch.Tensor:
     """[len(starts), n - decision, d]: one row's positions ``decision..n-1`` carried from each start
     layer l of ``starts`` through layers l+1..L, attending to positions < ``decision`` at their
     layer-l states (their keys/values filled from them at every remaining layer).
+
+    ``last_layers`` = K: a carry from l < L - K skips layers l+1..L-K and runs only the model's
+    last K layers on the layer-l states (the layers that flip answers late; layer pruning keeps
+    the last layer too, Gromov et al. 2024); None runs every remaining layer.
 
     ``states``: the row's states [1, n, d] at layers 0..L (embeddings first, before the final
     norm). The carries from every start run together, one batch row each, so that each remaining
@@ -55,8 +66,9 @@ def filled_carry(stack, states: list[torch.Tensor], decision: int, starts: list[
     positions = torch.arange(n, device=device).expand(len(starts), n)
     valid = torch.ones(len(starts), n, dtype=torch.bool, device=device)
     cache = RowCache(stack.num_layers, len(starts), n)
-    for index in range(min(starts), stack.num_layers):  # computes layer index + 1
-        active = torch.tensor([b for b, layer in enumerate(starts) if layer <= index], device=device)
+    first = [layer if last_layers is None else max(layer, stack.num_layers - last_layers) for layer in starts]
+    for index in range(min(first), stack.num_layers):  # computes layer index + 1
+        active = torch.tensor([b for b, layer in enumerate(first) if layer <= index], device=device)
         a = len(active)
         if decision > 0:
             inputs = stack.cached_layer_inputs(prompt[active], positions[:a, :decision], 0, valid[:a, :decision])
@@ -67,7 +79,7 @@ def filled_carry(stack, states: list[torch.Tensor], decision: int, starts: list[
 
 
 @torch.no_grad()
-def trace_filled(stack, example, from_layer: int) -> tuple[list, list]:
+def trace_filled(stack, example, from_layer: int, last_layers: int | None = None) -> tuple[list, list]:
     """(options' logits [L][options] at the margin position, options' summed log-likelihoods
     [L][options]) read off the filled carries from each layer l >= ``from_layer`` (at L: full
     depth); below it nothing is read (NaN: a margin that never stops, and no exit is scored there)."""
@@ -86,7 +98,7 @@ def trace_filled(stack, example, from_layer: int) -> tuple[list, list]:
             states.append(hidden)
         read = {L: states[L][0, decision:]}
         if starts:
-            read.update(zip(starts, filled_carry(stack, states, decision, starts)))
+            read.update(zip(starts, filled_carry(stack, states, decision, starts, last_layers)))
         tokens = torch.tensor(continuation, device=device)
         for layer in read_layers:
             logprobs = F.log_softmax(stack.exit_logits(read[layer]).float(), -1)
@@ -114,12 +126,18 @@ def filled_tokens(example, kv_share: float, attention_share: float) -> dict:
             "row_tokens": carried_tokens(example)["row_tokens"]}
 
 
-def filled_path(collection: Path) -> Path:
-    return collection.with_name(f"{collection.stem}-filled.parquet")
+def readout_name(last_layers: int | None) -> str:
+    """``filled`` (every remaining layer) or ``last<K>`` (the model's last K layers only)."""
+    return "filled" if last_layers is None else f"last{last_layers}"
 
 
-def write_filled(lm, collection: Path, from_layer: int, log=print) -> Path:
-    """The filled read-out of ``collection``'s documents, written beside it."""
+def filled_path(collection: Path, last_layers: int | None = None) -> Path:
+    return collection.with_name(f"{collection.stem}-{readout_name(last_layers)}.parquet")
+
+
+def write_filled(lm, collection: Path, from_layer: int, last_layers: int | None = None, log=print) -> Path:
+    """The filled read-out of ``collection``'s documents (through the last ``last_layers`` layers
+    only, if given), written beside it."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -134,44 +152,50 @@ def write_filled(lm, collection: Path, from_layer: int, log=print) -> Path:
     started = time.time()
     reads = []
     for i, example in enumerate(examples, 1):
-        reads.append(trace_filled(stack, example, from_layer))
+        reads.append(trace_filled(stack, example, from_layer, last_layers))
         if i % 20 == 0 or i == len(examples):
-            log(f"  filled {collection.name}: {i}/{len(examples)} docs in {time.time() - started:.0f}s")
+            log(f"  {readout_name(last_layers)} {collection.name}: {i}/{len(examples)} docs in {time.time() - started:.0f}s")
     costs = [filled_tokens(e, kv_share, attention_share) for e in examples]
+    L = stack.num_layers
+    runs = [L - l if last_layers is None else min(last_layers, L - l) for l in range(1, L + 1)]
     table = pa.table({"task": cols["task"], "doc_id": cols["doc_id"], "num_fewshot": cols["num_fewshot"],
                       "continuation_option_logits": [r[0] for r in reads], "continuation_option_ll": [r[1] for r in reads],
-                      **{name: [float(c[name]) for c in costs] for name in costs[0]}})
-    written = {"data_sha256": meta["data_sha256"], "from_layer": from_layer, "kv_share": kv_share,
-               "seconds": round(time.time() - started, 1)}
-    path = filled_path(collection)
+                      **{name: [float(c[name]) for c in costs] for name in costs[0]},
+                      "carry_layers": [runs] * len(examples)})
+    written = {"data_sha256": meta["data_sha256"], "from_layer": from_layer, "last_layers": last_layers,
+               "kv_share": kv_share, "seconds": round(time.time() - started, 1)}
+    path = filled_path(collection, last_layers)
     partial = path.with_name(path.name + ".partial")  # a half-written file is never read
     pq.write_table(table.replace_schema_metadata({b"adainfer": json.dumps(written).encode()}), partial)
     partial.replace(path)
     return path
 
 
-def read_filled(data, collection: Path, from_layer: int):
+def read_filled(data, collection: Path, from_layer: int, last_layers: int | None = None):
     """``data`` (loaded from ``collection``) answered by its filled read-out (its file's metadata
-    under ``meta["filled"]``); None if there is none of this collection and ``from_layer``."""
+    under ``meta["filled"]``); None if there is none of this collection, ``from_layer`` and
+    ``last_layers``."""
     import pyarrow.parquet as pq
 
     from adainfer_lmeval.experiments.training_data import continuation_readout
 
-    path = filled_path(collection)
+    path = filled_path(collection, last_layers)
     if not path.exists():
         return None
     meta = json.loads((pq.read_schema(path).metadata or {}).get(b"adainfer", b"{}"))
-    if meta.get("data_sha256") != data.meta.get("data_sha256") or meta.get("from_layer") != from_layer:
+    if (meta.get("data_sha256") != data.meta.get("data_sha256") or meta.get("from_layer") != from_layer
+            or meta.get("last_layers") != last_layers):
         return None
     return replace(data, continuation=continuation_readout(pq.read_table(path).to_pydict()), meta={**data.meta, "filled": meta})
 
 
-def agreement_by_layer(simlens, filled, from_layer: int) -> dict[str, list[float]]:
-    """Per read-out (lens, SimLens, filled), the share of documents whose answer read from layer
-    l = ``from_layer``..L equals full depth's (the same documents: ``simlens`` and ``filled`` differ
-    in their continuation only)."""
+def agreement_by_layer(simlens, others: dict, from_layer: int) -> dict[str, list[float]]:
+    """Per read-out (the lens, SimLens and each of ``others``, {name: data}), the share of
+    documents whose answer read from layer l = ``from_layer``..L equals full depth's (the same
+    documents: they differ in their continuation only)."""
     final = simlens.choice[:, -1:]
-    answers = {"lens": simlens.choice, "simlens": simlens.continuation.choice, "filled": filled.continuation.choice}
+    answers = {"lens": simlens.choice, "simlens": simlens.continuation.choice,
+               **{name: data.continuation.choice for name, data in others.items()}}
     return {name: (choice[:, from_layer - 1:-1] == final).mean(0).tolist() + [1.0] for name, choice in answers.items()}
 
 
@@ -202,6 +226,20 @@ def compare(readouts: dict, from_layer: int, rules) -> list[dict]:
     return rows
 
 
+def parse_last_layers(text: str) -> list[int | None]:
+    """``--last-layers``: a comma list of K (the last K layers only) or ``all`` (every remaining one)."""
+    values = []
+    for item in text.split(","):
+        item = item.strip()
+        if item == "all":
+            values.append(None)
+        elif item.isdigit() and int(item) > 0:
+            values.append(int(item))
+        else:
+            raise AdaInferError(f"--last-layers {text!r}: give a comma list of positive layer counts or 'all', e.g. 1,2,all")
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m adainfer_lmeval.experiments.filled_continuation",
                                      description=__doc__.split("\n\n")[0])
@@ -209,7 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", required=True, help="the study cell's label, task@shots (e.g. sst2@0)")
     parser.add_argument("--collect-dir", type=Path, default=Path("out/study/collect"))
     parser.add_argument("--from-layer", type=int, default=1, help="the first layer a filled carry starts from (exits restricted to >= it)")
+    parser.add_argument("--last-layers", default="all",
+                        help="which filled read-outs: 'all' (every remaining layer) and/or K (the model's last K layers only), e.g. 1,2,all")
     parser.add_argument("--threads", type=int, help="torch threads (1 on a shared machine)")
+    parser.add_argument("--json", type=Path, help="also write the tables here (python -m adainfer_lmeval.experiments.readout_plot draws them)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -217,30 +258,36 @@ def main(argv: list[str] | None = None) -> int:
         from adainfer_lmeval.experiments.study_policies import CalibrationRules
         from adainfer_lmeval.experiments.training_data import load_data, with_continuation
 
-        lm, readouts = None, {"simlens": [], "filled": []}
+        kinds = parse_last_layers(args.last_layers)
+        lm, readouts = None, {"simlens": [], **{readout_name(k): [] for k in kinds}}
         for role in ("train", "test"):
             collection = args.collect_dir / args.model / f"{args.task}-{role}.parquet"
             if not collection.exists():
                 raise AdaInferError(f"{collection}: no such collection; run the study's collection for {args.model} first")
             data = with_continuation(load_data(collection), collection)
-            filled = read_filled(data, collection, args.from_layer)
-            if filled is None:
-                if lm is None:
-                    from adainfer_lmeval.adapter.backend import AdaInferLM
-
-                    lm = AdaInferLM(pretrained=args.model, policy="full", batch_size=1, device="cpu")
-                print(f"wrote {write_filled(lm, collection, args.from_layer, log=lambda m: print(m, flush=True))}")
-                filled = read_filled(data, collection, args.from_layer)
             readouts["simlens"].append(data)
-            readouts["filled"].append(filled)
+            for k in kinds:
+                filled = read_filled(data, collection, args.from_layer, k)
+                if filled is None:
+                    if lm is None:
+                        from adainfer_lmeval.adapter.backend import AdaInferLM
+
+                        lm = AdaInferLM(pretrained=args.model, policy="full", batch_size=1, device="cpu")
+                    print(f"wrote {write_filled(lm, collection, args.from_layer, k, log=lambda m: print(m, flush=True))}")
+                    filled = read_filled(data, collection, args.from_layer, k)
+                readouts[readout_name(k)].append(filled)
         rows = compare({k: tuple(v) for k, v in readouts.items()}, args.from_layer, CalibrationRules())
     except AdaInferError as error:
         print(f"filled_continuation: error: {error}", file=sys.stderr)
         return 2
-    for role, simlens, filled in zip(("train", "test"), readouts["simlens"], readouts["filled"]):
-        agree = agreement_by_layer(simlens, filled, args.from_layer)
+    agreement = {}
+    for index, role in enumerate(("train", "test")):
+        simlens = readouts["simlens"][index]
+        others = {name: datas[index] for name, datas in readouts.items() if name != "simlens"}
+        agree = agreement[role] = agreement_by_layer(simlens, others, args.from_layer)
+        kv_share = next(iter(others.values())).meta["filled"]["kv_share"]
         print(f"{args.model} {args.task} {role}: answers equal to full depth's, % of {len(simlens.keys)} documents, "
-              f"read from layer l (filled: K/V fill {100 * filled.meta['filled']['kv_share']:.2f}% of a token-layer per prompt token)")
+              f"read from layer l (filled: K/V fill {100 * kv_share:.2f}% of a token-layer per prompt token)")
         print("| l | " + " | ".join(str(l) for l in range(args.from_layer, simlens.num_layers + 1)) + " |")
         print("|---|" + "---|" * (simlens.num_layers + 1 - args.from_layer))
         for name, shares in agree.items():
@@ -251,6 +298,13 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"| {r['readout']} | {r['policy']} | {r['criterion']} | {100 * r['layers_saved']:.1f}% | {r['mean_exit_layer']:.2f} "
               f"| {r['delta_points']:+.1f} | {r['agreement']:.3f} | {r['min_layer']} |")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"model": args.model, "task": args.task, "from_layer": args.from_layer,
+                                         "num_layers": readouts["simlens"][0].num_layers,
+                                         "n_docs": {role: len(d.keys) for role, d in zip(("train", "test"), readouts["simlens"])},
+                                         "agreement": agreement, "rows": rows}, indent=1))
+        print(f"wrote {args.json}")
     return 0
 
 

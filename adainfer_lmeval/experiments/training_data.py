@@ -53,13 +53,29 @@ class ContinuationReadout:
     exit_tokens: np.ndarray  # [N] tokens the exit answer carries per remaining layer (every computed row)
     reused_tokens: np.ndarray  # [N] of those, what a simlens check at the exit layer already carried
     row_tokens: np.ndarray  # [N] the group's computed rows' tokens: one layer over the document
+    # [N, L] the layers a carry from layer l runs through; None: every remaining one, L - l (a
+    # read-out that skips to the model's last layers runs fewer)
+    carry_layers: np.ndarray | None = None
+
+    def remaining_layers(self, num_layers: int) -> np.ndarray:
+        """[N, L]: the layers a carry from layer l = 1..L runs through."""
+        if self.carry_layers is not None:
+            return self.carry_layers.astype(np.float64)
+        return np.broadcast_to((num_layers - np.arange(1, num_layers + 1)).astype(np.float64), (len(self.margin), num_layers))
 
     def subset(self, idx) -> "ContinuationReadout":
-        return ContinuationReadout(*(getattr(self, f.name)[idx] for f in fields(self)))
+        return ContinuationReadout(*(None if getattr(self, f.name) is None else getattr(self, f.name)[idx]
+                                     for f in fields(self)))
 
     @classmethod
     def concat(cls, readouts: list["ContinuationReadout"]) -> "ContinuationReadout":
-        return cls(*(np.concatenate([getattr(r, f.name) for r in readouts]) for f in fields(cls)))
+        def joined(name):
+            parts = [getattr(r, name) for r in readouts]
+            if name == "carry_layers" and any(p is None for p in parts):
+                parts = [r.remaining_layers(r.margin.shape[1]) for r in readouts]
+            return np.concatenate(parts)
+
+        return cls(*(joined(f.name) for f in fields(cls)))
 
 
 @dataclass
@@ -173,7 +189,8 @@ def continuation_readout(cols: dict) -> ContinuationReadout:
                        for per_layer in cols["continuation_option_ll"]])
     tokens = {name: np.array(cols[name], dtype=np.float64)
               for name in ("check_tokens", "exit_tokens", "reused_tokens", "row_tokens")}
-    return ContinuationReadout(margin.double().numpy(), choice, **tokens)
+    carry_layers = np.array(cols["carry_layers"], dtype=np.float64) if "carry_layers" in cols else None
+    return ContinuationReadout(margin.double().numpy(), choice, **tokens, carry_layers=carry_layers)
 
 
 def with_continuation(data: Data, collection: Path) -> Data:
