@@ -116,7 +116,7 @@ def test_the_command_writes_its_tables_as_json_and_the_figure_draws_them(tiny_mo
     monkeypatch.setattr(backend, "AdaInferLM", lambda **kw: real(**{**kw, "pretrained": folder}))
     out = tmp_path / "tiny_sst2.json"
     args = ["--model", "tiny", "--task", "sst2@0", "--collect-dir", str(tmp_path / "collect"), "--from-layer", "2",
-            "--last-layers", "1,all", "--json", str(out)]
+            "--last-layers", "1,all", "--max-changed", "0.5", "--json", str(out)]
     assert filled_continuation.main(args) == 0
     assert f"wrote {tmp_path / 'collect'}" in capsys.readouterr().out
     assert (tmp_path / "collect" / "tiny" / "sst2@0-test-last1.parquet").exists()
@@ -127,7 +127,7 @@ def test_the_command_writes_its_tables_as_json_and_the_figure_draws_them(tiny_mo
         assert sorted(agree) == ["filled", "last1", "lens", "simlens"]
         assert all(len(shares) == L - 1 for shares in agree.values())  # layers 2..L
         assert agree["filled"][L - 1 - 2] == 1.0 and agree["last1"][L - 1 - 2] == 1.0
-    assert {r["readout"] for r in run["rows"]} == {"simlens", "last1", "filled"}
+    assert {r["readout"] for r in run["rows"]} == {"simlens", "last1", "filled"} and run["max_changed"] == 0.5
     capsys.readouterr()
     assert filled_continuation.main(args) == 0  # a second run reads the files back, traces nothing
     assert f"wrote {tmp_path / 'collect'}" not in capsys.readouterr().out

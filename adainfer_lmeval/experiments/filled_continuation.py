@@ -249,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-layer", type=int, default=1, help="the first layer a filled carry starts from (exits restricted to >= it)")
     parser.add_argument("--last-layers", default="all",
                         help="which filled read-outs: 'all' (every remaining layer) and/or K (the model's last K layers only), e.g. 1,2,all")
+    parser.add_argument("--max-changed", type=float, default=0.01, help="δ of the guarantee (the study's --max-changed)")
     parser.add_argument("--threads", type=int, help="torch threads (1 on a shared machine)")
     parser.add_argument("--json", type=Path, help="also write the tables here (python -m adainfer_lmeval.experiments.readout_plot draws them)")
     args = parser.parse_args(argv)
@@ -276,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"wrote {write_filled(lm, collection, args.from_layer, k, log=lambda m: print(m, flush=True))}")
                     filled = read_filled(data, collection, args.from_layer, k)
                 readouts[readout_name(k)].append(filled)
-        rows = compare({k: tuple(v) for k, v in readouts.items()}, args.from_layer, CalibrationRules())
+        rows = compare({k: tuple(v) for k, v in readouts.items()}, args.from_layer, CalibrationRules(max_changed=args.max_changed))
     except AdaInferError as error:
         print(f"filled_continuation: error: {error}", file=sys.stderr)
         return 2
@@ -301,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"model": args.model, "task": args.task, "from_layer": args.from_layer,
+                                         "max_changed": args.max_changed,
                                          "num_layers": readouts["simlens"][0].num_layers,
                                          "n_docs": {role: len(d.keys) for role, d in zip(("train", "test"), readouts["simlens"])},
                                          "agreement": agreement, "rows": rows}, indent=1))
