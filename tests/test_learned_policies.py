@@ -667,3 +667,23 @@ def test_an_svm_on_option_signals_exits_online_where_training_says(tiny_models, 
         assert [online[row] for row in first_row] == offline.tolist()
         seen.add(tuple(offline.tolist()))
     assert len(seen) == 3 and len(set(offline.tolist())) > 1
+
+
+@pytest.mark.parametrize("path", sorted(policy_files.policies_dir().glob("*/*.json")), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_file_loads_for_its_model_and_says_what_its_point_is(path):
+    """Each shipped file (svm, crf, margin, simlens) reads, builds as its policy for the model named
+    in it, reads the signals it lists, and is the never-exit point (min_layer = L: consults nothing)
+    exactly where its calibration says no point passed the guarantee."""
+    kind, meta = read_policy(path)
+    assert path.parent.name == meta["model"]["name"] and path.stem == meta["kind"]
+    policy = build_policy(str(path), {})
+    assert list(policy.features) == meta["features"]
+    if meta["kind"] == "simlens":
+        assert policy.exit_readout == "continuation" and meta["features"] == ["continuation_margin"]
+    point = meta["operating_point"]
+    L = meta["model"]["num_layers"]
+    assert (meta["min_layer"] == L) == (point["criterion"] == "guarantee" and not point["passed"])
+    if point["criterion"] == "guarantee":
+        assert point["max_changed"] == 0.01 and point["calibration_docs"] > 0
+        rate = point["calibration_changed"] / point["calibration_docs"]
+        assert rate <= point["changed_upper_bound"] and point["passed"] == (point["changed_upper_bound"] <= 0.01)

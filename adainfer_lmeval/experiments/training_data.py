@@ -71,7 +71,9 @@ class ContinuationReadout:
     def concat(cls, readouts: list["ContinuationReadout"]) -> "ContinuationReadout":
         def joined(name):
             parts = [getattr(r, name) for r in readouts]
-            if name == "carry_layers" and any(p is None for p in parts):
+            if all(p is None for p in parts):
+                return None
+            if any(p is None for p in parts):  # some carry through every remaining layer, some not
                 parts = [r.remaining_layers(r.margin.shape[1]) for r in readouts]
             return np.concatenate(parts)
 
