@@ -137,3 +137,26 @@ def test_the_command_writes_its_tables_as_json_and_the_figure_draws_them(tiny_mo
     (tmp_path / "bad.json").write_text('{"model": "m"}')
     assert readout_plot.main([str(tmp_path / "bad.json"), "--out", str(png)]) == 2
     assert "bad.json: not a filled-continuation result" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_rows_of_different_prompts_spans_and_start_layers_carry_in_one_batch_as_each_alone(tiny_models, arch):
+    """The core's batched fill (prompts left-aligned in the cache, spans right-padded): every row
+    equals its own carry, for prompts longer than the tiny models' sliding window (6) and a row
+    with no prompt at all."""
+    from adainfer_lmeval.core.continuation import fill_carry
+
+    stack = DecoderStack(tiny_models[arch])
+    L = stack.num_layers
+    ids = torch.randint(4, stack.vocab_size, (1, 14), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        states, _ = _states(stack, ids)
+        cases = [(1, 9, 13), (L - 1, 3, 4), (2, 0, 2), (1, 12, 12)]  # (start layer, first, last)
+        for last_layers in (None, 1):
+            held = torch.cat([states[layer] for layer, _, _ in cases])
+            batched = fill_carry(stack, held, *map(list, zip(*cases)), last_layers=last_layers)
+            for b, (layer, first, last) in enumerate(cases):
+                alone = fill_carry(stack, states[layer], [layer], [first], [last], last_layers=last_layers)
+                torch.testing.assert_close(batched[b, : last - first + 1], alone[0], atol=1e-5, rtol=1e-5)
+            # from layer L-1 the carry is full depth itself
+            torch.testing.assert_close(batched[1, :2], states[-1][0, 3:5], atol=1e-5, rtol=1e-5)

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from adainfer_lmeval.core.kv_cache import RowCache
+
 
 @dataclass
 class Continuation:
@@ -76,3 +78,50 @@ def carry(stack, layer: int, hidden: torch.Tensor, first: list[int], last: list[
     states = stack.continue_from(layer, hidden[rows[:, None], index], index)
     offsets = torch.tensor(offsets, dtype=torch.long, device=hidden.device)
     return Continuation(states, offsets, tokens, stack.num_layers - layer)
+
+
+def fill_carry(stack, states: torch.Tensor, layers: list[int], first: list[int], last: list[int],
+               last_layers: int | None = None) -> torch.Tensor:
+    """The *filled* continuation: each row's positions ``first[i]..last[i]`` carried from layer
+    ``layers[i]`` through the remaining layers while attending to the row's whole prompt (positions
+    before ``first[i]``), whose keys and values at every layer run are projected from its layer-l
+    states (CALM's state propagation, :meth:`DecoderStack.fill_kv`, as generation fills the layers
+    an exited token skipped). From layer L-1 this is the full forward exactly; from earlier layers
+    only the prompt's upper-layer states are approximated, none of it is left out (SimLens, above,
+    leaves it out).
+
+    ``states`` [rows, T, d]: each row's states at its own layer ``layers[i]`` (right-padded rows,
+    positions = indices). ``last_layers`` = K: a carry from l < L - K skips layers l+1..L-K and runs
+    only the model's last K layers on the layer-l states; None runs every remaining one.
+
+    Returns the carried positions' last-layer states [rows, W, d] (W the widest span; a shorter row
+    is right-padded with copies of its last position, which causal attention keeps from changing
+    any real one). Rows with different prompt lengths are batched left-aligned in the cache (row i's
+    prompt ends at the same slot for every row), so slot distances are position distances and
+    sliding windows see the tokens where they were. The carries of all rows run together: each
+    layer's weights are read once for the batch.
+    """
+    device, L = states.device, stack.num_layers
+    rows = len(layers)
+    prompt_width = max(first)
+    pad = [prompt_width - f for f in first]  # empty slots before row i's prompt
+    slots = torch.arange(prompt_width, device=device)
+    prompt_positions = (slots[None, :] - torch.tensor(pad, device=device)[:, None]).clamp(min=0)  # [rows, P]
+    prompt_valid = slots[None, :] >= torch.tensor(pad, device=device)[:, None]
+    spans = [list(range(lo, hi + 1)) for lo, hi in zip(first, last)]
+    width = max(len(span) for span in spans)
+    carried_at = torch.tensor([span + [span[-1]] * (width - len(span)) for span in spans], dtype=torch.long, device=device)
+    index = torch.arange(rows, device=device)[:, None]
+    prompt = states[index, prompt_positions]  # the prompt held at each row's start layer
+    carried = states[index, carried_at].clone()
+    valid = torch.cat([prompt_valid, torch.ones_like(carried_at, dtype=torch.bool)], 1)
+    cache = RowCache(L, rows, valid.shape[1])
+    runs_from = [layer if last_layers is None else max(layer, L - last_layers) for layer in layers]
+    for layer_index in range(min(runs_from), L):  # computes layer layer_index + 1
+        active = torch.tensor([b for b, start in enumerate(runs_from) if start <= layer_index], device=device)
+        if prompt_width > 0:
+            inputs = stack.cached_layer_inputs(prompt[active], prompt_positions[active], 0, prompt_valid[active])
+            stack.fill_kv(layer_index, prompt[active], inputs, cache.at(0, active))
+        inputs = stack.cached_layer_inputs(carried[active], carried_at[active], prompt_width, valid[active])
+        carried[active] = stack.run_layer(layer_index, carried[active], inputs, cache.at(prompt_width, active))
+    return carried

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from adainfer_lmeval.core.kv_cache import RowCache
+from adainfer_lmeval.core.continuation import fill_carry
 from adainfer_lmeval.errors import AdaInferError
 from adainfer_lmeval.experiments.study_policies import CONTINUATION_POLICIES
 
@@ -49,33 +49,14 @@ from adainfer_lmeval.experiments.study_policies import CONTINUATION_POLICIES
 def filled_carry(stack, states: list[torch.Tensor], decision: int, starts: list[int],
                  last_layers: int | None = None) -> torch.Tensor:
     """[len(starts), n - decision, d]: one row's positions ``decision..n-1`` carried from each start
-    layer l of ``starts`` through layers l+1..L, attending to positions < ``decision`` at their
-    layer-l states (their keys/values filled from them at every remaining layer).
+    layer l of ``starts`` (:func:`~adainfer_lmeval.core.continuation.fill_carry`, one batch row per
+    start, so that each remaining layer's weights are read once for all of them).
 
-    ``last_layers`` = K: a carry from l < L - K skips layers l+1..L-K and runs only the model's
-    last K layers on the layer-l states (the layers that flip answers late; layer pruning keeps
-    the last layer too, Gromov et al. 2024); None runs every remaining layer.
-
-    ``states``: the row's states [1, n, d] at layers 0..L (embeddings first, before the final
-    norm). The carries from every start run together, one batch row each, so that each remaining
-    layer's weights are read once for all of them.
+    ``states``: the row's states [1, n, d] at layers 0..L (embeddings first, before the final norm).
     """
-    n, device = states[0].shape[1], states[0].device
-    prompt = torch.cat([states[layer][:, :decision] for layer in starts])
-    carried = torch.cat([states[layer][:, decision:] for layer in starts])
-    positions = torch.arange(n, device=device).expand(len(starts), n)
-    valid = torch.ones(len(starts), n, dtype=torch.bool, device=device)
-    cache = RowCache(stack.num_layers, len(starts), n)
-    first = [layer if last_layers is None else max(layer, stack.num_layers - last_layers) for layer in starts]
-    for index in range(min(first), stack.num_layers):  # computes layer index + 1
-        active = torch.tensor([b for b, layer in enumerate(first) if layer <= index], device=device)
-        a = len(active)
-        if decision > 0:
-            inputs = stack.cached_layer_inputs(prompt[active], positions[:a, :decision], 0, valid[:a, :decision])
-            stack.fill_kv(index, prompt[active], inputs, cache.at(0, active))
-        inputs = stack.cached_layer_inputs(carried[active], positions[:a, decision:], decision, valid[:a])
-        carried[active] = stack.run_layer(index, carried[active], inputs, cache.at(decision, active))
-    return carried
+    n = states[0].shape[1]
+    held = torch.cat([states[layer] for layer in starts])
+    return fill_carry(stack, held, starts, [decision] * len(starts), [n - 1] * len(starts), last_layers)
 
 
 @torch.no_grad()
