@@ -15,6 +15,11 @@ token, which causal attention keeps from changing any real one (a padded copy on
 is before it). A row is charged its own carried tokens × remaining layers, padding not
 counted (as the engine's layer FLOPs count a row's real tokens), so a row's cost does not
 depend on what it was batched with.
+
+:func:`fill_carry` is the *filled* variant (the carried positions attend to the whole prompt, its
+keys and values projected from the exit layer's states): more faithful to full depth than
+SimLens on every study cell measured (``reports/study/README.md``), so far used offline only
+(:mod:`adainfer_lmeval.experiments.filled_continuation`); the engine's policies read SimLens.
 """
 
 from __future__ import annotations
