@@ -41,25 +41,25 @@ with torch.no_grad():
         states.append(stack.run_layer(index, states[-1], inputs))
     decision = n - 1
     starts = sorted({L // 2, (3 * L) // 4, L - 2})
-    jobs = {"one layer over the prompt": lambda: stack.run_layer(L // 2, states[L // 2], inputs)}
+    # (name, layers it runs, the job)
+    jobs = [("one layer over the prompt", 1, lambda: stack.run_layer(L // 2, states[L // 2], inputs))]
     for l in starts:
-        jobs[f"SimLens check from {l}"] = lambda l=l: carry(stack, l, states[l], [decision], [decision])
-        jobs[f"filled check from {l}"] = lambda l=l: fill_carry(stack, states[l], [l], [decision], [decision])
-        jobs[f"last layer alone from {l}"] = lambda l=l: fill_carry(stack, states[l], [l], [decision], [decision], last_layers=1)
-    times = {name: [] for name in jobs}
+        jobs += [(f"SimLens check from {l}", L - l, lambda l=l: carry(stack, l, states[l], [decision], [decision])),
+                 (f"filled check from {l}", L - l, lambda l=l: fill_carry(stack, states[l], [l], [decision], [decision])),
+                 (f"last layer alone from {l}", 1,
+                  lambda l=l: fill_carry(stack, states[l], [l], [decision], [decision], last_layers=1))]
+    times = [[] for _ in jobs]
     for _ in range(2):  # warm-up
-        for job in jobs.values():
+        for _, _, job in jobs:
             job()
     for _ in range(args.repeats):  # interleaved, so that drift hits every job alike
-        for name, job in jobs.items():
+        for t, (_, _, job) in zip(times, jobs):
             started = time.perf_counter()
             job()
-            times[name].append(time.perf_counter() - started)
-layer = statistics.median(times["one layer over the prompt"])
+            t.append(time.perf_counter() - started)
+medians = [statistics.median(t) for t in times]
 print(f"{args.model}: {L} layers, {n}-token prompt, batch 1, {args.threads} threads, median of {args.repeats}")
 print("| check | layers run | ms | in layers over the prompt |")
 print("|---|---|---|---|")
-for name, t in times.items():
-    start = int(name.rsplit(" ", 1)[1]) if name[-1].isdigit() else None
-    runs = 1 if start is None or "last layer" in name else L - start
-    print(f"| {name} | {runs} | {1000 * statistics.median(t):.2f} | {statistics.median(t) / layer:.2f} |")
+for (name, runs, _), m in zip(jobs, medians):
+    print(f"| {name} | {runs} | {1000 * m:.2f} | {m / medians[0]:.2f} |")

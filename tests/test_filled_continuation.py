@@ -86,7 +86,11 @@ def test_the_read_out_from_layer_L_minus_1_is_full_depth_and_nothing_is_read_bel
     example = Example(task="t", doc_id=0, num_fewshot=0, rows=[prompt + o[:-1] for o in options],
                       decision=[len(prompt) - 1] * 2, continuations=options, gold=0)
     L = stack.num_layers
-    logits, lls = trace_filled(stack, example, from_layer=L - 1)
+    logits, lls = trace_filled(stack, example, from_layer=L - 1, kinds=[None])[None]
+    # several read-outs from one forward per row give what each gives alone
+    together = trace_filled(stack, example, from_layer=1, kinds=[None, 1])
+    for k in (None, 1):
+        torch.testing.assert_close(torch.tensor(together[k]), torch.tensor(trace_filled(stack, example, 1, [k])[k]))
     torch.testing.assert_close(torch.tensor(lls[L - 2]), torch.tensor(lls[L - 1]), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(torch.tensor(logits[L - 2]), torch.tensor(logits[L - 1]), atol=1e-4, rtol=1e-4)
     assert all(torch.tensor(lls[layer]).isnan().all() and torch.tensor(logits[layer]).isnan().all() for layer in range(L - 2))
@@ -128,6 +132,15 @@ def test_the_command_writes_its_tables_as_json_and_the_figure_draws_them(tiny_mo
         assert all(len(shares) == L - 1 for shares in agree.values())  # layers 2..L
         assert agree["filled"][L - 1 - 2] == 1.0 and agree["last1"][L - 1 - 2] == 1.0
     assert {r["readout"] for r in run["rows"]} == {"simlens", "last1", "filled"} and run["max_changed"] == 0.5
+    from adainfer_lmeval.experiments.training_data import load_data, with_continuation
+
+    test_path = tmp_path / "collect" / "tiny" / "sst2@0-test.parquet"
+    data = with_continuation(load_data(test_path), test_path)
+    last1 = filled_continuation.read_filled(data, test_path, 2, 1).continuation
+    filled = filled_continuation.read_filled(data, test_path, 2, None).continuation
+    # the study's costs: a last-layer carry runs one layer (none from L), the filled one L - l
+    assert last1.remaining_layers(L)[0].tolist() == [1.0] * (L - 1) + [0.0]
+    assert filled.remaining_layers(L)[0].tolist() == [float(L - l) for l in range(1, L + 1)]
     capsys.readouterr()
     assert filled_continuation.main(args) == 0  # a second run reads the files back, traces nothing
     assert f"wrote {tmp_path / 'collect'}" not in capsys.readouterr().out

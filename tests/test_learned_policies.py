@@ -687,3 +687,11 @@ def test_every_shipped_file_loads_for_its_model_and_says_what_its_point_is(path)
         assert point["max_changed"] == 0.01 and point["calibration_docs"] > 0
         rate = point["calibration_changed"] / point["calibration_docs"]
         assert rate <= point["changed_upper_bound"] and point["passed"] == (point["changed_upper_bound"] <= 0.01)
+
+
+@pytest.mark.parametrize("folder", sorted(p for p in policy_files.policies_dir().iterdir() if p.is_dir()), ids=lambda p: p.name)
+def test_a_models_shipped_files_come_from_one_collection(folder):
+    """svm/crf/margin and the later simlens file of a model were fitted on the same token rows
+    (the simlens files re-collected them: the collection is reproducible, policies/README.md)."""
+    hashes = {path.name: read_policy(path)[1]["training"]["data_sha256"] for path in folder.glob("*.json")}
+    assert len(hashes) >= 3 and len(set(hashes.values())) == 1, hashes

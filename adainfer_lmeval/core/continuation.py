@@ -109,10 +109,10 @@ def fill_carry(stack, states: torch.Tensor, layers: list[int], first: list[int],
     device, L = states.device, stack.num_layers
     rows = len(layers)
     prompt_width = max(first)
-    pad = [prompt_width - f for f in first]  # empty slots before row i's prompt
-    slots = torch.arange(prompt_width, device=device)
-    prompt_positions = (slots[None, :] - torch.tensor(pad, device=device)[:, None]).clamp(min=0)  # [rows, P]
-    prompt_valid = slots[None, :] >= torch.tensor(pad, device=device)[:, None]
+    pad = torch.tensor([prompt_width - f for f in first], device=device)[:, None]  # empty slots before row i's prompt
+    slots = torch.arange(prompt_width, device=device)[None, :]
+    prompt_positions = (slots - pad).clamp(min=0)  # [rows, P]
+    prompt_valid = slots >= pad
     spans = [list(range(lo, hi + 1)) for lo, hi in zip(first, last)]
     width = max(len(span) for span in spans)
     carried_at = torch.tensor([span + [span[-1]] * (width - len(span)) for span in spans], dtype=torch.long, device=device)

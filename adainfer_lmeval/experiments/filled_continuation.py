@@ -60,15 +60,17 @@ def filled_carry(stack, states: list[torch.Tensor], decision: int, starts: list[
 
 
 @torch.no_grad()
-def trace_filled(stack, example, from_layer: int, last_layers: int | None = None) -> tuple[list, list]:
-    """(options' logits [L][options] at the margin position, options' summed log-likelihoods
+def trace_filled(stack, example, from_layer: int, kinds: list[int | None]) -> dict:
+    """Per read-out of ``kinds`` (K: the last K layers alone, None: every remaining layer), the
+    (options' logits [L][options] at the margin position, options' summed log-likelihoods
     [L][options]) read off the filled carries from each layer l >= ``from_layer`` (at L: full
-    depth); below it nothing is read (NaN: a margin that never stops, and no exit is scored there)."""
+    depth); below it nothing is read (NaN: a margin that never stops, and no exit is scored there).
+    Each row's own forward runs once for all of them."""
     L = stack.num_layers
     starts = list(range(from_layer, L))
     read_layers = [*starts, L]
-    logits = [[float("nan")] * len(example.rows) for _ in range(L)]
-    lls = [[float("nan")] * len(example.rows) for _ in range(L)]
+    out = {k: ([[float("nan")] * len(example.rows) for _ in range(L)], [[float("nan")] * len(example.rows) for _ in range(L)])
+           for k in kinds}
     device = next(stack.head.parameters()).device
     for j, (row, decision, continuation) in enumerate(zip(example.rows, example.decision, example.continuations)):
         hidden = stack.embed(torch.tensor([row], device=device))
@@ -77,19 +79,20 @@ def trace_filled(stack, example, from_layer: int, last_layers: int | None = None
         for index in range(L):
             hidden = stack.run_layer(index, hidden, inputs)
             states.append(hidden)
-        read = {L: states[L][0, decision:]}
-        if starts:
-            read.update(zip(starts, filled_carry(stack, states, decision, starts, last_layers)))
         tokens = torch.tensor(continuation, device=device)
-        for layer in read_layers:
-            logprobs = F.log_softmax(stack.exit_logits(read[layer]).float(), -1)
-            lls[layer - 1][j] = float(logprobs[torch.arange(len(continuation)), tokens].sum())
-        if j == 0:  # the speaker row: every option's token at the margin position
-            offset = example.margin_offset
-            option_tokens = torch.tensor([c[offset] for c in example.continuations], device=device)
+        for k, (logits, lls) in out.items():
+            read = {L: states[L][0, decision:]}
+            if starts:
+                read.update(zip(starts, filled_carry(stack, states, decision, starts, k)))
             for layer in read_layers:
-                logits[layer - 1] = stack.exit_logits(read[layer][offset][None]).float()[0, option_tokens].tolist()
-    return logits, lls
+                logprobs = F.log_softmax(stack.exit_logits(read[layer]).float(), -1)
+                lls[layer - 1][j] = float(logprobs[torch.arange(len(continuation)), tokens].sum())
+            if j == 0:  # the speaker row: every option's token at the margin position
+                offset = example.margin_offset
+                option_tokens = torch.tensor([c[offset] for c in example.continuations], device=device)
+                for layer in read_layers:
+                    logits[layer - 1] = stack.exit_logits(read[layer][offset][None]).float()[0, option_tokens].tolist()
+    return out
 
 
 def filled_tokens(example, kv_share: float, attention_share: float) -> dict:
@@ -116,9 +119,9 @@ def filled_path(collection: Path, last_layers: int | None = None) -> Path:
     return collection.with_name(f"{collection.stem}-{readout_name(last_layers)}.parquet")
 
 
-def write_filled(lm, collection: Path, from_layer: int, last_layers: int | None = None, log=print) -> Path:
-    """The filled read-out of ``collection``'s documents (through the last ``last_layers`` layers
-    only, if given), written beside it."""
+def write_filled(lm, collection: Path, from_layer: int, kinds: list[int | None], log=print) -> list[Path]:
+    """The filled read-outs ``kinds`` (see :func:`trace_filled`) of ``collection``'s documents, one
+    file each beside it, from one forward per document."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -132,24 +135,26 @@ def write_filled(lm, collection: Path, from_layer: int, last_layers: int | None 
     attention_share = 2 * stack.attention_width() / stack.layer_matmul_params()  # per prompt key, per carried token
     started = time.time()
     reads = []
+    names = ", ".join(readout_name(k) for k in kinds)
     for i, example in enumerate(examples, 1):
-        reads.append(trace_filled(stack, example, from_layer, last_layers))
+        reads.append(trace_filled(stack, example, from_layer, kinds))
         if i % 20 == 0 or i == len(examples):
-            log(f"  {readout_name(last_layers)} {collection.name}: {i}/{len(examples)} docs in {time.time() - started:.0f}s")
+            log(f"  {names} {collection.name}: {i}/{len(examples)} docs in {time.time() - started:.0f}s")
     costs = [filled_tokens(e, kv_share, attention_share) for e in examples]
-    L = stack.num_layers
-    runs = [L - l if last_layers is None else min(last_layers, L - l) for l in range(1, L + 1)]
-    table = pa.table({"task": cols["task"], "doc_id": cols["doc_id"], "num_fewshot": cols["num_fewshot"],
-                      "continuation_option_logits": [r[0] for r in reads], "continuation_option_ll": [r[1] for r in reads],
-                      **{name: [float(c[name]) for c in costs] for name in costs[0]},
-                      "carry_layers": [runs] * len(examples)})
-    written = {"data_sha256": meta["data_sha256"], "from_layer": from_layer, "last_layers": last_layers,
-               "kv_share": kv_share, "seconds": round(time.time() - started, 1)}
-    path = filled_path(collection, last_layers)
-    partial = path.with_name(path.name + ".partial")  # a half-written file is never read
-    pq.write_table(table.replace_schema_metadata({b"adainfer": json.dumps(written).encode()}), partial)
-    partial.replace(path)
-    return path
+    paths = []
+    for k in kinds:
+        table = pa.table({"task": cols["task"], "doc_id": cols["doc_id"], "num_fewshot": cols["num_fewshot"],
+                          "continuation_option_logits": [r[k][0] for r in reads],
+                          "continuation_option_ll": [r[k][1] for r in reads],
+                          **{name: [float(c[name]) for c in costs] for name in costs[0]}})
+        written = {"data_sha256": meta["data_sha256"], "from_layer": from_layer, "last_layers": k,
+                   "kv_share": kv_share, "seconds": round(time.time() - started, 1)}
+        path = filled_path(collection, k)
+        partial = path.with_name(path.name + ".partial")  # a half-written file is never read
+        pq.write_table(table.replace_schema_metadata({b"adainfer": json.dumps(written).encode()}), partial)
+        partial.replace(path)
+        paths.append(path)
+    return paths
 
 
 def read_filled(data, collection: Path, from_layer: int, last_layers: int | None = None):
@@ -167,7 +172,12 @@ def read_filled(data, collection: Path, from_layer: int, last_layers: int | None
     if (meta.get("data_sha256") != data.meta.get("data_sha256") or meta.get("from_layer") != from_layer
             or meta.get("last_layers") != last_layers):
         return None
-    return replace(data, continuation=continuation_readout(pq.read_table(path).to_pydict()), meta={**data.meta, "filled": meta})
+    readout = continuation_readout(pq.read_table(path).to_pydict())
+    if last_layers is not None:  # a carry from layer l runs min(K, L - l) layers, not L - l
+        L = data.num_layers
+        runs = np.minimum(last_layers, L - np.arange(1, L + 1)).astype(np.float64)
+        readout = replace(readout, carry_layers=np.tile(runs, (len(readout.margin), 1)))
+    return replace(data, continuation=readout, meta={**data.meta, "filled": meta})
 
 
 def agreement_by_layer(simlens, others: dict, from_layer: int) -> dict[str, list[float]]:
@@ -248,16 +258,16 @@ def main(argv: list[str] | None = None) -> int:
                 raise AdaInferError(f"{collection}: no such collection; run the study's collection for {args.model} first")
             data = with_continuation(load_data(collection), collection)
             readouts["simlens"].append(data)
-            for k in kinds:
-                filled = read_filled(data, collection, args.from_layer, k)
-                if filled is None:
-                    if lm is None:
-                        from adainfer_lmeval.adapter.backend import AdaInferLM
+            missing = [k for k in kinds if read_filled(data, collection, args.from_layer, k) is None]
+            if missing:
+                if lm is None:
+                    from adainfer_lmeval.adapter.backend import AdaInferLM
 
-                        lm = AdaInferLM(pretrained=args.model, policy="full", batch_size=1, device="cpu")
-                    print(f"wrote {write_filled(lm, collection, args.from_layer, k, log=lambda m: print(m, flush=True))}")
-                    filled = read_filled(data, collection, args.from_layer, k)
-                readouts[readout_name(k)].append(filled)
+                    lm = AdaInferLM(pretrained=args.model, policy="full", batch_size=1, device="cpu")
+                for path in write_filled(lm, collection, args.from_layer, missing, log=lambda m: print(m, flush=True)):
+                    print(f"wrote {path}")
+            for k in kinds:
+                readouts[readout_name(k)].append(read_filled(data, collection, args.from_layer, k))
         rows = compare({k: tuple(v) for k, v in readouts.items()}, args.from_layer, CalibrationRules(max_changed=args.max_changed))
     except AdaInferError as error:
         print(f"filled_continuation: error: {error}", file=sys.stderr)

@@ -191,8 +191,7 @@ def continuation_readout(cols: dict) -> ContinuationReadout:
                        for per_layer in cols["continuation_option_ll"]])
     tokens = {name: np.array(cols[name], dtype=np.float64)
               for name in ("check_tokens", "exit_tokens", "reused_tokens", "row_tokens")}
-    carry_layers = np.array(cols["carry_layers"], dtype=np.float64) if "carry_layers" in cols else None
-    return ContinuationReadout(margin.double().numpy(), choice, **tokens, carry_layers=carry_layers)
+    return ContinuationReadout(margin.double().numpy(), choice, **tokens)
 
 
 def with_continuation(data: Data, collection: Path) -> Data:
