@@ -68,8 +68,9 @@ class EarlyExitLoglikelihood:
                         pruned=out.pruned_checks[j] / group_requests[j],
                         head_rows=out.check_rows[j] / group_requests[j],
                         vocab_free=out.vocab_free_checks[j] / group_requests[j],
-                        check_continuation=(out.check_token_layers[j] / group_requests[j], out.check_carried_tokens[j]),
-                        exit_continuation=(out.exit_token_layers[j], out.exit_carried_tokens[j]),
+                        check_continuation=(out.check_token_layers[j] / group_requests[j], out.check_carried_tokens[j],
+                                            out.check_prompt_tokens[j]),
+                        exit_continuation=(out.exit_token_layers[j], out.exit_carried_tokens[j], out.exit_prompt_tokens[j]),
                     )
                     answer = ScoredContinuation(logprob, is_greedy, record)
                     results[i] = answer

@@ -3,7 +3,8 @@
 FLOPs are counted the honest way: the exit layers actually run, plus the exit head and
 softmax at every layer where the policy was consulted (the price of deciding), plus the head
 at the scored positions, plus the tokens carried on alone through the layers above the one
-they were taken from (the SimLens continuation: its checks' and its exit read-out's). The
+they were taken from (the SimLens continuation: its checks' and its exit read-out's; a filled
+continuation's also the prompt's key/value projections at every layer it runs). The
 full-depth reference runs every layer and the head at the scored positions only. Both use 2
 FLOPs per multiply-add and ignore norms and elementwise work.
 """
@@ -50,11 +51,15 @@ class CostModel:
         """One decoder layer for one new token attending to ``context`` earlier tokens (cached)."""
         return 2 * self.layer_params + 2 * 2 * self.attention_width * (context + 1)
 
-    def continuation_flops(self, token_layers: float, carried: int) -> float:
+    def continuation_flops(self, token_layers: float, carried: int, prompt: int = 0) -> float:
         """``token_layers`` token-layers of a continuation whose carries hold ``carried`` tokens:
         each token-layer multiplies one layer's matrices for one token and attends to (at most)
-        the ``carried`` tokens beside it (:mod:`.continuation`)."""
-        return token_layers * (2 * self.layer_params + 2 * 2 * self.attention_width * carried)
+        the ``carried`` tokens beside it and the ``prompt`` tokens of a filled carry, whose keys
+        and values it projects at every layer run (token_layers / carried of them)
+        (:mod:`.continuation`)."""
+        attending = token_layers * (2 * self.layer_params + 2 * 2 * self.attention_width * (carried + prompt))
+        layers_run = token_layers / carried if carried else 0.0
+        return attending + layers_run * prompt * 2 * self.kv_params
 
     def head_flops(self, positions: int, with_softmax: bool = False) -> float:
         flops = 2 * self.head_params * positions
@@ -83,14 +88,14 @@ class CostModel:
         return 2 * (head_rows * self.head_width + extra * checks) + SOFTMAX_FLOPS_PER_WORD * (full * self.vocab_size + pruned * k)
 
     def request(self, tokens: int, exit_layer: int, scored: int, checks: float, share: int = 1, pruned: float = 0.0,
-                head_rows: float | None = None, vocab_free: float = 0.0, check_continuation: tuple[float, int] = (0.0, 0),
-                exit_continuation: tuple[int, int] = (0, 0)) -> "ExitRecord":
+                head_rows: float | None = None, vocab_free: float = 0.0, check_continuation: tuple[float, int, int] = (0.0, 0, 0),
+                exit_continuation: tuple[int, int, int] = (0, 0, 0)) -> "ExitRecord":
         """The record of one request that ran ``exit_layer`` layers over ``tokens`` tokens.
 
         ``share``: requests scored off the same computed row (identical inputs, as with
         single-token answer choices) split its cost; ``checks`` is this request's part of its
-        group's exit-head evaluations, ``check_continuation`` (token-layers, carried tokens)
-        its part of their continuations'. ``exit_continuation`` (token-layers, carried tokens):
+        group's exit-head evaluations, ``check_continuation`` (token-layers, carried tokens, prompt
+        tokens filled per layer) its part of their continuations'. ``exit_continuation`` (the same):
         the row's exit read-out off the continuation, split like the row.
         """
         row_continuation = self.continuation_flops(*exit_continuation)

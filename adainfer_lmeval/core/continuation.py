@@ -18,8 +18,10 @@ depend on what it was batched with.
 
 :func:`fill_carry` is the *filled* variant (the carried positions attend to the whole prompt, its
 keys and values projected from the exit layer's states): more faithful to full depth than
-SimLens on every study cell measured (``reports/study/README.md``), so far used offline only
-(:mod:`adainfer_lmeval.experiments.filled_continuation`); the engine's policies read SimLens.
+SimLens on every study cell measured (``reports/study/README.md``). The engine asks
+:func:`continue_rows` for either (a policy's ``continuation_carry``); a filled row is charged
+its carried tokens × layers run, attending to its prompt and carried tokens, plus its prompt
+tokens' key/value projections at every layer run.
 """
 
 from __future__ import annotations
@@ -39,6 +41,14 @@ class Continuation:
     offsets: torch.Tensor  # [rows]: index along q of each row's position ``first``
     tokens: list[int]  # per row: its carried tokens (padding not counted)
     layers_run: int  # the remaining layers every row was carried through
+    # per row: the prompt tokens its carried ones attend to, their keys and values projected at
+    # every layer run (filled); None: none (SimLens carries attend to each other only)
+    prompt_tokens: list[int] | None = None
+
+    @property
+    def attended_prompt(self) -> list[int]:
+        """Per row: the prompt tokens filled at every layer run (0 for SimLens)."""
+        return self.prompt_tokens if self.prompt_tokens is not None else [0] * len(self.tokens)
 
     @property
     def token_layers(self) -> list[int]:
@@ -83,6 +93,20 @@ def carry(stack, layer: int, hidden: torch.Tensor, first: list[int], last: list[
     states = stack.continue_from(layer, hidden[rows[:, None], index], index)
     offsets = torch.tensor(offsets, dtype=torch.long, device=hidden.device)
     return Continuation(states, offsets, tokens, stack.num_layers - layer)
+
+
+def continue_rows(stack, kind: str, layer: int, hidden: torch.Tensor, first: list[int], last: list[int],
+                  rows: torch.Tensor) -> Continuation:
+    """Rows ``rows`` of ``hidden`` (layer ``layer``'s states, right-padded, positions = indices)
+    continued from ``layer`` to the last layer, positions ``first[i]..last[i]`` read: by
+    :func:`carry` (``kind`` "simlens") or :func:`fill_carry` ("filled"), as one
+    :class:`Continuation`."""
+    if kind == "simlens":
+        return carry(stack, layer, hidden, first, last, rows=rows)
+    states = fill_carry(stack, hidden[rows], [layer] * len(first), first, last)
+    offsets = torch.zeros(len(first), dtype=torch.long, device=hidden.device)  # the span starts at ``first``
+    return Continuation(states, offsets, [hi - lo + 1 for lo, hi in zip(first, last)], stack.num_layers - layer,
+                        prompt_tokens=list(first))
 
 
 def fill_carry(stack, states: torch.Tensor, layers: list[int], first: list[int], last: list[int],

@@ -12,8 +12,10 @@ options first differ, :mod:`.options`), over one head row per option.
 
 A policy whose ``exit_readout`` is ``"continuation"`` (SimLens, :mod:`.continuation`) reads a
 stopping group's answer off the continuation instead: each of its rows carries token 0 and its
-scored positions from the exit layer through the remaining layers alone, and the final norm and
-head read the carried states. A speaker scored at its decision position alone whose options
+scored positions from the exit layer through the remaining layers alone (or, with the policy's
+``continuation_carry`` "filled", its scored positions attending to the whole prompt, whose keys and
+values are projected from the exit layer's states), and the final norm and head read the carried
+states. A speaker scored at its decision position alone whose options
 differ there (margin offset 0) already has that state from its check's continuation. Rows that
 run to the last layer are read there as ever.
 """
@@ -25,12 +27,12 @@ from dataclasses import dataclass
 import torch
 
 from adainfer_lmeval.core.architectures import DecoderStack
-from adainfer_lmeval.core.continuation import carry
+from adainfer_lmeval.core.continuation import continue_rows
 from adainfer_lmeval.core.exit_checks import ExitCheckConfig, SpeakerContinuation
 from adainfer_lmeval.core.exit_step import ExitStep
 from adainfer_lmeval.core.features import FEATURE_NAMES, compute_features
 from adainfer_lmeval.core.head_clusters import HeadClusters
-from adainfer_lmeval.core.exit_policy import EXIT_READOUTS, ExitPolicy
+from adainfer_lmeval.core.exit_policy import CONTINUATION_CARRIES, EXIT_READOUTS, ExitPolicy
 from adainfer_lmeval.core.options import AnswerOptions
 from adainfer_lmeval.core.stages import stage
 from adainfer_lmeval.errors import AdaInferError
@@ -87,13 +89,16 @@ class ExitResult:
     pruned_checks: list[int]  # per row: how many of those read K tokens only (check_vocab)
     check_rows: list[int]  # per row: head rows its group's checks multiplied (check head rows)
     vocab_free_checks: list[int]  # per row: how many of those ran no head over the vocabulary (option signals only)
-    # The continuation's token-layers (carried tokens x layers run, padding not counted) and the
-    # tokens each carry took: those of its group's checks (continuation signals), and its own
-    # exit read-out's (exit_readout "continuation"); 0 where none ran.
+    # The continuation's token-layers (carried tokens x layers run, padding not counted), the
+    # tokens each carry took and the prompt tokens each filled per layer run (a filled carry's; 0
+    # for SimLens): those of its group's checks (continuation signals), and its own exit
+    # read-out's (exit_readout "continuation"); 0 where none ran.
     check_token_layers: list[int]  # per row: its group's checks', summed over them
     check_carried_tokens: list[int]  # per row: tokens each of its group's checks carried
     exit_token_layers: list[int]  # per row: its exit read-out's
     exit_carried_tokens: list[int]  # per row: tokens its exit read-out carried
+    check_prompt_tokens: list[int]  # per row: prompt tokens each of its group's checks filled per layer
+    exit_prompt_tokens: list[int]  # per row: prompt tokens its exit read-out filled per layer
 
 
 @dataclass
@@ -115,6 +120,9 @@ class EarlyExitEngine:
         if policy.exit_readout not in EXIT_READOUTS:
             raise AdaInferError(f"policy={policy.name} has exit_readout={policy.exit_readout!r}; "
                                 f"choose one of {', '.join(EXIT_READOUTS)}")
+        if policy.continuation_carry not in CONTINUATION_CARRIES:
+            raise AdaInferError(f"policy={policy.name} has continuation_carry={policy.continuation_carry!r}; "
+                                f"choose one of {', '.join(CONTINUATION_CARRIES)}")
         self.head_clusters = None  # built once from the head's weight, when the config asks for them
         if self.checks.clusters:
             self.head_clusters = HeadClusters.for_head(self.stack.head.weight, self.checks.clusters, self.checks.probes)
@@ -146,7 +154,7 @@ class EarlyExitEngine:
         continued = self.policy.exit_readout == "continuation"
         if step.reads_continuation:  # host copies for the checks' continuations
             row_groups, margin_offsets = groups.tolist(), batch.options.offsets.tolist()
-        exit_token_layers, exit_carried_tokens = [0] * rows, [0] * rows
+        exit_token_layers, exit_carried_tokens, exit_prompt_tokens = [0] * rows, [0] * rows, [0] * rows
 
         width = int(lengths.max())
         with stage("embed"):
@@ -193,7 +201,7 @@ class EarlyExitEngine:
                     reused = {r: continuation.states[k : k + 1] for k, r in enumerate(speakers)
                               if spans[r][1] - spans[r][0] == 1 and margin_offsets[row_groups[r]] == 0}
                 self._emit_continued(hidden, torch.nonzero(leaving, as_tuple=True)[0], active[leaving], layer, spans,
-                                     exit_layers, logits_out, reused, exit_token_layers, exit_carried_tokens)
+                                     exit_layers, logits_out, reused, (exit_token_layers, exit_carried_tokens, exit_prompt_tokens))
             else:
                 # A speaker scored at its decision position alone (single-token answers) already
                 # has its exit logits: the check computed them.
@@ -217,9 +225,11 @@ class EarlyExitEngine:
             with stage("emit"):
                 self._emit(hidden, active, num_layers, spans, exit_layers, logits_out)
 
-        checks, pruned_checks, check_head_rows, vocab_free, check_token_layers, check_carried_tokens = step.counts(groups)
+        (checks, pruned_checks, check_head_rows, vocab_free, check_token_layers, check_carried_tokens,
+         check_prompt_tokens) = step.counts(groups)
         return ExitResult(exit_layers, logits_out, checks, pruned_checks, check_head_rows, vocab_free,  # type: ignore[arg-type]
-                          check_token_layers, check_carried_tokens, exit_token_layers, exit_carried_tokens)
+                          check_token_layers, check_carried_tokens, exit_token_layers, exit_carried_tokens,
+                          check_prompt_tokens, exit_prompt_tokens)
 
     @torch.no_grad()
     def trace(self, batch: ExitBatch):
@@ -271,24 +281,26 @@ class EarlyExitEngine:
         scored = {r: hidden[i, spans[r][0] : spans[r][1]] for i, r in enumerate(rows) if r not in known}
         self._read_out(scored, logits_out)
 
-    def _emit_continued(self, hidden, hidden_idx, rows, layer, spans, exit_layers, logits_out, reused, token_layers,
-                        carried_tokens):
+    def _emit_continued(self, hidden, hidden_idx, rows, layer, spans, exit_layers, logits_out, reused, counts):
         """Exit logits of batch rows ``rows`` (``hidden_idx``: their rows of ``hidden``) off the
-        continuation from ``layer``: token 0 and the scored positions of each row carried to the
-        last layer (``reused``: a speaker's carried state its check left), then one head call;
-        counts each row's token-layers and carried tokens."""
+        continuation from ``layer``: the scored positions of each row carried to the last layer
+        (with token 0, or attending to the filled prompt: the policy's ``continuation_carry``;
+        ``reused``: a speaker's carried state its check left), then one head call; writes each
+        row's token-layers, carried tokens and filled prompt tokens into ``counts``' three lists."""
+        token_layers, carried_tokens, prompt_tokens = counts
         rows = rows.tolist()
         todo = [(i, r) for i, r in enumerate(rows) if r not in reused]
         scored = {}
         if todo:
             with stage("exit_continuation", len(todo)):
                 index = hidden_idx[torch.tensor([i for i, _ in todo], dtype=torch.long, device=hidden.device)]
-                states = carry(self.stack, layer, hidden, [spans[r][0] for _, r in todo],
-                               [spans[r][1] - 1 for _, r in todo], rows=index)
+                states = continue_rows(self.stack, self.policy.continuation_carry, layer, hidden,
+                                       [spans[r][0] for _, r in todo], [spans[r][1] - 1 for _, r in todo], index)
             for k, (_, r) in enumerate(todo):
                 scored[r] = states.span(k, spans[r][1] - spans[r][0])
                 token_layers[r] = states.token_layers[k]
                 carried_tokens[r] = states.tokens[k]
+                prompt_tokens[r] = states.attended_prompt[k]
         for r in rows:
             exit_layers[r] = layer
             if r in reused:

@@ -21,7 +21,9 @@ A policy that reads only the answer-option signals (``margin``, ...) runs no voc
 all: its check multiplies one head row per option at the group's margin position. A signal
 read off the continuation (``continuation_margin``) first carries the group's speaker, token 0
 and its positions decision..margin, from this layer through the remaining ones alone
-(:mod:`.continuation`), then multiplies the same K head rows at the carried margin position.
+(:mod:`.continuation`; or, for a policy whose ``continuation_carry`` is "filled", its positions
+decision..margin attending to the whole prompt), then multiplies the same K head rows at the
+carried margin position.
 
 Knows nothing of lm-eval or policies' internals: it gets the signal names to compute.
 """
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from adainfer_lmeval.errors import AdaInferError
-from adainfer_lmeval.core.continuation import carry
+from adainfer_lmeval.core.continuation import continue_rows
 from adainfer_lmeval.core.features import SignalInputs, compute_signals, signal_reads
 from adainfer_lmeval.core.options import AnswerOptions
 from adainfer_lmeval.core.stages import stage
@@ -117,17 +119,18 @@ class SpeakerContinuation:
     states: torch.Tensor | None = None  # [n, d] filled in: the last layer's states at the margin positions
     token_layers: list[int] | None = None  # filled in: per speaker, carried tokens x layers run
     tokens: list[int] | None = None  # filled in: per speaker, the tokens carried
+    prompt_tokens: list[int] | None = None  # filled in: per speaker, the prompt tokens filled per layer run (filled carry)
 
 
 class ExitChecks:
     """Checks for ``slots`` decision makers (groups, or generation rows) over one pass, computing
     the signals ``names`` (:mod:`.features`): the exit head over the vocabulary only when one of
     them reads it, the answer options' head rows (``options``, per slot) only when one reads them
-    at the margin position or off the continuation."""
+    at the margin position or off the continuation (carried as ``carry`` says: simlens or filled)."""
 
     def __init__(self, stack, names: tuple[str, ...], vocab: int | None, slots: int, device, clusters=None,
-                 options: AnswerOptions | None = None):
-        self.stack, self.names = stack, names
+                 options: AnswerOptions | None = None, carry: str = "simlens"):
+        self.stack, self.names, self.carry = stack, names, carry
         reads = signal_reads(names)
         self.reads_vocab, self.reads_options = "vocab" in reads, "options" in reads
         self.reads_continuation = "continuation" in reads
@@ -187,11 +190,12 @@ class ExitChecks:
         position) and ``speakers``' carried states and counts; the head rows multiplied per row."""
         last = [d + m for d, m in zip(speakers.decisions, speakers.margin_offsets)]
         with stage("check_continuation", len(last)):
-            carried = carry(self.stack, layer, speakers.hidden, speakers.decisions, last, rows=speakers.rows)
+            carried = continue_rows(self.stack, self.carry, layer, speakers.hidden, speakers.decisions, last, speakers.rows)
         steps = torch.tensor(speakers.margin_offsets, dtype=torch.long, device=carried.offsets.device)
         speakers.states = carried.at(steps)
         speakers.token_layers = carried.token_layers
         speakers.tokens = carried.tokens
+        speakers.prompt_tokens = carried.attended_prompt
         tokens, valid = self.options.tokens[slots], self.options.valid[slots]
         with stage("check_head", len(last)):
             inputs.continuation_option_logits = self.stack.exit_logits_over(speakers.states, tokens)

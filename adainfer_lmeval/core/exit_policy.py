@@ -30,6 +30,11 @@ class ModelIdentity:
 #: (SimLens, :mod:`.continuation`)
 EXIT_READOUTS = ("lens", "continuation")
 
+#: how a continuation carries its tokens (:mod:`.continuation`): ``simlens`` token 0 and the carried
+#: positions alone; ``filled`` the carried positions attending to the whole prompt, its keys and
+#: values projected at every layer run from the layer-l states
+CONTINUATION_CARRIES = ("simlens", "filled")
+
 
 class ExitPolicy:
     """Base class. Subclasses set ``name``, ``params`` and override :meth:`decide`.
@@ -38,7 +43,9 @@ class ExitPolicy:
     history column each; the engine runs exit checks only at layers where :meth:`consults_at`
     is true, only if ``features`` is not empty (a policy with no features, like ``static``,
     costs no head evaluations), and computes only what those signals read. ``exit_readout``
-    (one of :data:`EXIT_READOUTS`) says how a row that stops before the last layer is read.
+    (one of :data:`EXIT_READOUTS`) says how a row that stops before the last layer is read, and
+    ``continuation_carry`` (one of :data:`CONTINUATION_CARRIES`) how its continuations, the exit
+    read-out's and those of the signals read off it, carry their tokens.
     """
 
     name = "base"
@@ -47,6 +54,7 @@ class ExitPolicy:
     features: tuple[str, ...] = ()
     min_layer: int = 1
     exit_readout: str = "lens"
+    continuation_carry: str = "simlens"
 
     def consults_at(self, layer: int, num_layers: int) -> bool:
         return self.min_layer <= layer < num_layers

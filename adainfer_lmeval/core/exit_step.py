@@ -39,7 +39,8 @@ class ExitStep:
                 f"policy={policy.name} reads answer options ({', '.join(names)}); "
                 "this batch has none: build it with options= and margin_offsets= (loglikelihood groups)"
             )
-        self.exit_checks = ExitChecks(stack, self.features, vocab, slots, device, clusters, options)
+        self.exit_checks = ExitChecks(stack, self.features, vocab, slots, device, clusters, options,
+                                      carry=policy.continuation_carry)
         self.history = torch.full((slots, self.num_layers + 1, len(self.features)), float("nan"), device=device)
         self.checks = torch.zeros(slots, dtype=torch.long, device=device)
         self.pruned_checks = torch.zeros(slots, dtype=torch.long, device=device)  # of those, over K tokens only
@@ -47,9 +48,11 @@ class ExitStep:
         # of the checks, those that ran no head over the vocabulary (no signal of the policy reads it)
         self.vocab_free_checks = torch.zeros(slots, dtype=torch.long, device=device)
         self.vocab_free = bool(self.features) and "vocab" not in reads
-        # continuation signals: token-layers their checks carried, and the tokens each carried
+        # continuation signals: token-layers their checks carried, the tokens each carried and the
+        # prompt tokens each filled per layer run (a filled carry's; 0 for SimLens)
         self.check_token_layers = torch.zeros(slots, dtype=torch.long, device=device)
         self.check_carried_tokens = torch.zeros(slots, dtype=torch.long, device=device)
+        self.check_prompt_tokens = torch.zeros(slots, dtype=torch.long, device=device)
         # A signal over the hidden states ("cosine") compares a slot's state with the one a
         # layer before, so with it every layer's state is kept, consulted or not.
         self.tracks_state = "hidden" in reads
@@ -88,14 +91,15 @@ class ExitStep:
             if self.reads_continuation:  # host counts, copied over without reading the device
                 self.check_token_layers[slots] += torch.tensor(continuation.token_layers, device=slots.device)
                 self.check_carried_tokens[slots] = torch.tensor(continuation.tokens, device=slots.device)
+                self.check_prompt_tokens[slots] = torch.tensor(continuation.prompt_tokens, device=slots.device)
         self.remember(state, slots)
         stop = self.policy.decide(layer, self.num_layers, self.history[slots, : layer + 1])
         return stop.to(slots.device), check_logits
 
     def counts(self, slots: torch.Tensor | None = None) -> list[list[int]]:
         """(checks, pruned checks, check head rows, vocab-free checks, check continuation
-        token-layers, tokens each check's continuation carried) per entry of ``slots`` (default:
-        every slot), in one host copy."""
+        token-layers, tokens each check's continuation carried, prompt tokens each filled per layer
+        run) per entry of ``slots`` (default: every slot), in one host copy."""
         counts = torch.stack([self.checks, self.pruned_checks, self.check_head_rows, self.vocab_free_checks,
-                              self.check_token_layers, self.check_carried_tokens])
+                              self.check_token_layers, self.check_carried_tokens, self.check_prompt_tokens])
         return (counts if slots is None else counts[:, slots]).tolist()

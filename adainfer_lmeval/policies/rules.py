@@ -3,32 +3,48 @@ answer-option margin, and the answer-option margin read off the SimLens continua
 
 The static layer, the threshold and the margin read a stopping row's answer through the lens by
 default; ``readout=continuation`` reads it off the SimLens continuation instead (the cheap check
-decides, the carry answers: the study's ``simlens_static`` and ``margin_simlens``)."""
+decides, the carry answers: the study's ``simlens_static`` and ``margin_simlens``).
+``carry=filled`` (with a continuation) carries the positions read attending to the whole prompt,
+its keys and values projected from the exit layer's states, instead of with token 0 alone."""
 
 from __future__ import annotations
 
 import torch
 
-from adainfer_lmeval.core.exit_policy import EXIT_READOUTS, ExitPolicy, ModelIdentity
+from adainfer_lmeval.core.exit_policy import CONTINUATION_CARRIES, EXIT_READOUTS, ExitPolicy, ModelIdentity
 from adainfer_lmeval.errors import AdaInferError
 from adainfer_lmeval.policies.registry import register_policy
 
 
+CARRY_PARAM = {"carry": (str, "how a continuation carries the positions it reads: simlens (default; with token 0 alone) or "
+                              "filled (attending to the whole prompt, its keys and values projected from the exit layer's "
+                              "states)")}
 READOUT_PARAM = {"readout": (str, "where a stopping row's answer is read: lens (default; the exit layer's states through the "
-                                  "final norm and head) or continuation (SimLens: its positions carried on to the last layer)")}
+                                  "final norm and head) or continuation (SimLens: its positions carried on to the last layer)"),
+                 **CARRY_PARAM}
 
 
 class ReadoutChoice:
-    """A rule whose exit answer can be read through the lens or off the continuation (``readout``)."""
+    """A rule whose exit answer can be read through the lens or off the continuation (``readout``),
+    carried as ``carry`` says."""
 
-    def _set_readout(self, readout: str) -> None:
+    def _set_readout(self, readout: str, carry: str = "simlens") -> None:
         if readout not in EXIT_READOUTS:
             raise AdaInferError(f"readout={readout!r} for policy={self.name}: choose one of {', '.join(EXIT_READOUTS)}")
-        self.exit_readout = readout
+        if carry not in CONTINUATION_CARRIES:
+            raise AdaInferError(f"carry={carry!r} for policy={self.name}: choose one of {', '.join(CONTINUATION_CARRIES)}")
+        if carry != "simlens" and readout == "lens":
+            raise AdaInferError(f"carry={carry} for policy={self.name} carries a continuation, which readout=lens does not read; "
+                                "add readout=continuation")
+        self.exit_readout, self.continuation_carry = readout, carry
 
     def _described(self, described: dict) -> dict:
-        """``described`` with the read-out when it is not the lens (older results stay as they were)."""
-        return described if self.exit_readout == "lens" else {**described, "exit_readout": self.exit_readout}
+        """``described`` with the read-out and carry when they are not the defaults (older results stay as they were)."""
+        if self.exit_readout != "lens":
+            described = {**described, "exit_readout": self.exit_readout}
+        if self.continuation_carry != "simlens":
+            described = {**described, "continuation_carry": self.continuation_carry}
+        return described
 
 
 @register_policy("full")
@@ -51,14 +67,14 @@ class StaticLayer(ReadoutChoice, ExitPolicy):
 
     params = {"layer": (int, "exit layer, 1..num_layers"), **READOUT_PARAM}
 
-    def __init__(self, layer: int | None = None, readout: str = "lens"):
+    def __init__(self, layer: int | None = None, readout: str = "lens", carry: str = "simlens"):
         if layer is None:
             raise AdaInferError("policy=static needs layer=K (1..num_layers), e.g. policy=static,layer=12")
         if layer < 1:
             raise AdaInferError(f"layer={layer} must be >= 1 (layer 0 is the embeddings)")
         self.layer = layer
         self.min_layer = layer
-        self._set_readout(readout)
+        self._set_readout(readout, carry)
 
     def consults_at(self, layer: int, num_layers: int) -> bool:
         return layer == self.layer and layer < num_layers
@@ -85,7 +101,8 @@ class ConfidenceThreshold(ReadoutChoice, ExitPolicy):
         **READOUT_PARAM,
     }
 
-    def __init__(self, gap: float | None = None, top_prob: float | None = None, min_layer: int = 1, readout: str = "lens"):
+    def __init__(self, gap: float | None = None, top_prob: float | None = None, min_layer: int = 1, readout: str = "lens",
+                 carry: str = "simlens"):
         if (gap is None) == (top_prob is None):
             raise AdaInferError("policy=threshold needs exactly one of gap=τ or top_prob=τ, e.g. policy=threshold,gap=0.8")
         threshold = gap if gap is not None else top_prob
@@ -97,7 +114,7 @@ class ConfidenceThreshold(ReadoutChoice, ExitPolicy):
         self.features = (self.feature,)
         self.threshold = float(threshold)
         self.min_layer = int(min_layer)
-        self._set_readout(readout)
+        self._set_readout(readout, carry)
 
     def decide(self, layer, num_layers, history):
         return history[:, layer, 0] >= self.threshold
@@ -123,7 +140,7 @@ class OptionMargin(ReadoutChoice, ExitPolicy):
     }
     features = ("margin",)
 
-    def __init__(self, margin: float | None = None, min_layer: int = 1, readout: str = "lens"):
+    def __init__(self, margin: float | None = None, min_layer: int = 1, readout: str = "lens", carry: str = "simlens"):
         if margin is None:
             raise AdaInferError("policy=margin needs margin=τ (0..1), e.g. policy=margin,margin=0.6,min_layer=8")
         if not 0.0 <= margin <= 1.0:
@@ -132,7 +149,7 @@ class OptionMargin(ReadoutChoice, ExitPolicy):
             raise AdaInferError(f"min_layer={min_layer} must be >= 1 (layer 0 is the embeddings)")
         self.margin = float(margin)
         self.min_layer = int(min_layer)
-        self._set_readout(readout)
+        self._set_readout(readout, carry)
 
     def decide(self, layer, num_layers, history):
         return history[:, layer, 0] >= self.margin  # NaN (fewer than two options) never stops
@@ -150,15 +167,18 @@ class ContinuationMargin(OptionMargin):
     carried through the remaining layers alone (:mod:`adainfer_lmeval.core.continuation`); the
     margin is that of ``policy=margin``, at the carried margin position. A stopping group's rows
     carry their scored positions the same way, and their log-likelihoods come from those last-layer
-    states. Loglikelihood only; a group with one option never stops.
+    states. Loglikelihood only; a group with one option never stops. ``carry=filled`` carries the
+    check's positions and the exit's attending to the whole prompt instead (both: the margin is
+    read where the answer will be).
     """
 
     params = {
         "margin": (float, "stop when the continuation's top option probability minus the second's >= margin (default 0.9)"),
         "min_layer": (int, "first layer that may exit (default 1)"),
+        **CARRY_PARAM,
     }
     features = ("continuation_margin",)
     exit_readout = "continuation"  # always (training reads it off the class, as the engine off the instance)
 
-    def __init__(self, margin: float = 0.9, min_layer: int = 1):
-        super().__init__(margin, min_layer, readout="continuation")
+    def __init__(self, margin: float = 0.9, min_layer: int = 1, carry: str = "simlens"):
+        super().__init__(margin, min_layer, readout="continuation", carry=carry)
