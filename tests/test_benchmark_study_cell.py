@@ -91,6 +91,59 @@ def test_the_benchmark_runs_the_studys_documents_and_exits_where_the_study_does(
     assert "The study's calibrated points" in text and text.count("| yes ") == len(rows)
 
 
+def test_the_filled_read_outs_points_run_with_carry_filled_and_exit_where_that_read_out_does(cell, one_thread):
+    """``--study_readouts filled``: the SimLens rules at points of the filled read-out run with
+    ``carry=filled`` and exit where the filled read-out of the same collection says (its file
+    written beside the collection as filled_continuation writes it); without the file, not equal."""
+    from adainfer_lmeval.adapter.backend import AdaInferLM
+    from adainfer_lmeval.experiments.filled_continuation import read_filled, write_filled
+
+    folder, path, data = cell
+    model, tokenizer = tf.AutoModelForCausalLM.from_pretrained(folder).eval(), tf.AutoTokenizer.from_pretrained(folder)
+    requests, doc_ids = study_cell.cell_requests(make_backend(Variant("hf"), model, tokenizer, 1), "sst2@0", DOCS)
+    rows = [r for r in _rows(data) if r["policy"] in ("simlens", "simlens_static")]
+    for row in rows:
+        row.update(readout="filled", from_layer=1)
+    assert study_cell.check_against_study(path, sorted(set(doc_ids)), doc_ids, rows, [])["variants"][
+        study_cell.variant_of(rows[0]).label]["missing"].startswith("no current filled read-out")
+    write_filled(AdaInferLM(pretrained=folder, policy="full", batch_size=1, device="cpu"), path, 1, [None], log=lambda _: None)
+    filled = read_filled(data, path, 1)
+    rows[0]["threshold"] = float(np.median(filled.continuation.margin[:, 1:data.num_layers - 1]))
+    variants = [study_cell.variant_of(r) for r in rows]
+    assert variants == [Variant("simlens", {"margin": rows[0]["threshold"], "min_layer": 2, "carry": "filled"}),
+                        Variant("static", {"layer": 2, "readout": "continuation", "carry": "filled"})]
+    res = benchmark_model("tiny-llama", model, tokenizer, requests, variants, batch_sizes=[1, 3], repeats=1,
+                          profile=False, decision_tokens=8, min_run_time=0.01, log=lambda *_: None)
+    check = study_cell.check_against_study(path, sorted(set(doc_ids)), doc_ids, rows, res["rows"])
+    for row in rows:
+        assert check["variants"][study_cell.variant_of(row).label]["exits_equal"], row["policy"]
+    exits = {r["variant"]: r["exit_layers"] for r in res["rows"] if r["batch"] == 1}
+    assert len(set(exits[variants[0].label])) > 1  # the filled margin splits the documents
+
+
+def test_readout_points_take_one_read_outs_rows_of_the_model_and_cell_and_refuse_others_in_one_line(tmp_path):
+    rows = [{"readout": r, "policy": "simlens", "criterion": c, "threshold": 0.3, "min_layer": m, "n_test": 10,
+             "layers_saved": 0.1, "delta_points": 0.0, "mean_exit_layer": 20.0}
+            for r, c, m in (("filled", "agreement", 17), ("filled", "agreement", 24), ("filled", "guarantee", 20),
+                            ("simlens", "agreement", 18))]
+    found = tmp_path / "m_sst2@4.json"
+    found.write_text(json.dumps({"model": "m", "task": "sst2@4", "num_layers": 24, "from_layer": 12, "rows": rows}))
+    kept = study_cell.readout_points(found, "m", "sst2@4")
+    assert [(r["readout"], r["min_layer"], r["layers"], r["from_layer"]) for r in kept] == [("filled", 17, 24, 12)]
+    assert [r["min_layer"] for r in study_cell.readout_points(found, "m", "sst2@4", readout="simlens")] == [18]
+    with pytest.raises(AdaInferError, match="is the read-out of m on sst2@4, not of q on sst2@4"):
+        study_cell.readout_points(found, "q", "sst2@4")
+    with pytest.raises(AdaInferError, match="has no complete accuracy rows of the filled read-out"):
+        study_cell.readout_points(found, "m", "sst2@4", criterion="accuracy")
+    (tmp_path / "bad.json").write_text("[1]")
+    with pytest.raises(AdaInferError, match="cannot read a filled-continuation result"):
+        study_cell.readout_points(tmp_path / "bad.json", "m", "sst2@4")
+    from adainfer_lmeval.experiments import benchmark
+
+    with pytest.raises(SystemExit):
+        benchmark.main(["--models", "m,q", "--study_cell", "sst2@4", "--study_readouts", "filled", "--study_results", str(found)])
+
+
 def test_study_points_keep_the_rules_that_exit_and_refuse_bad_input_in_one_line(tmp_path, capsys):
     rows = [{"model": "m", "task": "sst2", "shots": 4, "setting": "intra", "criterion": "agreement", "policy": p,
              "threshold": 0.5, "min_layer": m, "layers": 24, "n_test": 10}

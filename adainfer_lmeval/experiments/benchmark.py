@@ -20,7 +20,9 @@ benchmark first waits (up to ``--wait_quiet`` minutes) for the 1-minute load ave
 below ``--max_load`` and records the load throughout; numbers taken under load are marked.
 
 ``--study_cell TASK@SHOTS`` times the study's calibrated rules instead, on the study's test
-documents of that cell (:mod:`.bench.study_cell`), and checks every exit against the study's.
+documents of that cell (:mod:`.bench.study_cell`), and checks every exit against the study's;
+with ``--study_readouts simlens,filled --study_results reports/study/readouts/<model>_<cell>.json``
+the SimLens rules at the points calibrated with each read-out (filled: ``carry=filled``).
 
 This module is the command line; the parts are in :mod:`.bench`: ``variants`` (what is compared),
 ``requests``, ``runs`` (the interleaved passes), ``decision`` (decision cost, picker recall),
@@ -84,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--study_results", default="reports/study/results.json")
     parser.add_argument("--study_collections", default="out/study/collect",
                         help="where the study's collections are: the run checks its documents and exits against them")
+    parser.add_argument("--study_readouts", default=None,
+                        help="with --study_cell: time the SimLens rules at the points that filled_continuation --json "
+                             "calibrated for these read-outs (simlens, filled: carry=filled), read from --study_results FILE")
     parser.add_argument("--study_setting", default="intra")
     parser.add_argument("--study_criterion", default="agreement")
     parser.add_argument("--docs", type=int, default=None,
@@ -131,8 +136,15 @@ def run(a: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str])
     if a.study_cell:
         from adainfer_lmeval.experiments.bench import study_cell
 
-        cell_rows = {name: study_cell.study_points(Path(a.study_results), name, a.study_cell, a.study_setting,
-                                                   a.study_criterion) for name in models}
+        if a.study_readouts:
+            if len(models) != 1:
+                parser.error("--study_readouts reads one model's filled_continuation result (--study_results FILE): "
+                             "give one model in --models")
+            cell_rows = {models[0]: [row for readout in a.study_readouts.split(",") for row in study_cell.readout_points(
+                Path(a.study_results), models[0], a.study_cell, a.study_criterion, readout.strip())]}
+        else:
+            cell_rows = {name: study_cell.study_points(Path(a.study_results), name, a.study_cell, a.study_setting,
+                                                       a.study_criterion) for name in models}
         for name, rows in cell_rows.items():
             if not rows:
                 raise AdaInferError(f"no rule of the study exits on {name} {a.study_cell} at {a.study_setting} "

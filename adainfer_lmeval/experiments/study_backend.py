@@ -36,19 +36,21 @@ def backend_policy(policy: str, fit: dict, train, out_dir: Path, criterion: str 
     return rule_policy(policy, threshold, min_layer, train.num_layers)
 
 
-def rule_policy(policy: str, threshold: float, min_layer: int, num_layers: int) -> str:
+def rule_policy(policy: str, threshold: float, min_layer: int, num_layers: int, carry: str = "simlens") -> str:
     """The model-args ``policy=...`` value of a study rule (every policy but the classifiers) at
-    its point (``threshold``, ``min_layer``) on a model of ``num_layers`` layers."""
+    its point (``threshold``, ``min_layer``) on a model of ``num_layers`` layers; ``carry``: how
+    the SimLens rules' continuation carries (filled: ``carry=filled``)."""
     if policy == "threshold":
         return f"threshold,gap={threshold!r},min_layer={min_layer}"
     if min_layer >= num_layers:  # the never-exit point consults nothing: full depth
         return "full"
+    carried = "" if carry == "simlens" else f",carry={carry}"
     if policy in ("margin", "simlens"):
-        return f"{policy},margin={threshold!r},min_layer={min_layer}"
+        return f"{policy},margin={threshold!r},min_layer={min_layer}" + (carried if policy == "simlens" else "")
     if policy == "margin_simlens":  # the lens margin decides, the continuation answers
-        return f"margin,margin={threshold!r},min_layer={min_layer},readout=continuation"
+        return f"margin,margin={threshold!r},min_layer={min_layer},readout=continuation" + carried
     if policy == "simlens_static":
-        return f"static,layer={min_layer},readout=continuation"
+        return f"static,layer={min_layer},readout=continuation" + carried
     return f"static,layer={min_layer}"
 
 

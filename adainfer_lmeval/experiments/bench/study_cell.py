@@ -11,6 +11,11 @@ file. Points that never exit (``min_layer`` = L) are full depth and are left out
 Where the study's collection of the cell is on disk, the benchmark checks itself against it:
 the documents it built must be the collection's, and every request's exit layer must equal the
 offline exit of its document at the same point (:func:`offline_exits`).
+
+``--study_readout filled`` times the SimLens rules with the filled continuation instead
+(``carry=filled``), at the points :mod:`adainfer_lmeval.experiments.filled_continuation` calibrated
+(its ``--json`` file, passed as ``--study_results``: :func:`readout_points`), and checks the exits
+against that read-out of the collection (``<cell>-test-filled.parquet`` beside it).
 """
 
 from __future__ import annotations
@@ -56,12 +61,36 @@ def study_points(results_file: Path, model: str, cell: str, setting: str = "intr
     return [r for r in found if r["min_layer"] < r["layers"]]
 
 
+def readout_points(readouts_file: Path, model: str, cell: str, criterion: str = "agreement",
+                   readout: str = "filled") -> list[dict]:
+    """The rows of ``readout`` in a filled-continuation result (``filled_continuation --json``) of
+    ``model`` on ``cell`` that exit at all, shaped as :func:`study_points`'s (with the read-out and
+    the layer its carries start from)."""
+    try:
+        found = json.loads(Path(readouts_file).read_text())
+        rows, layers, from_layer = found["rows"], int(found["num_layers"]), int(found["from_layer"])
+        if found.get("model") != model or found.get("task") != cell:
+            raise AdaInferError(f"{readouts_file} is the read-out of {found.get('model')} on {found.get('task')}, not of "
+                                f"{model} on {cell}; pass the file of this model and cell (reports/study/readouts/)")
+        picked = [{**r, "layers": layers, "from_layer": from_layer} for r in rows
+                  if isinstance(r, dict) and r.get("readout") == readout and r.get("criterion") == criterion]
+        broken = [r.get("policy") for r in picked if any(k not in r for k in ROW_FIELDS)]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise AdaInferError(f"cannot read a filled-continuation result from {readouts_file} ({type(exc).__name__}: {exc}); "
+                            "write it with python -m adainfer_lmeval.experiments.filled_continuation ... --json FILE") from None
+    if broken or not picked:
+        raise AdaInferError(f"{readouts_file} has no complete {criterion} rows of the {readout} read-out; "
+                            "write it again with python -m adainfer_lmeval.experiments.filled_continuation ... --json FILE")
+    return [r for r in picked if r["min_layer"] < r["layers"]]
+
+
 def variant_of(row: dict) -> Variant:
     """The backend variant that runs a study row's rule at its point (the study's backend check's spec)."""
     from adainfer_lmeval.adapter.model_args import parse_model_args
     from adainfer_lmeval.experiments.study_backend import rule_policy
 
-    args = parse_model_args("policy=" + rule_policy(row["policy"], row["threshold"], row["min_layer"], row["layers"]))
+    carry = "filled" if row.get("readout") == "filled" else "simlens"
+    args = parse_model_args("policy=" + rule_policy(row["policy"], row["threshold"], row["min_layer"], row["layers"], carry))
     return Variant(str(args.pop("policy")), args)
 
 
@@ -109,6 +138,7 @@ def check_against_study(collection: Path, sampled: list[str], doc_ids: list[str]
     ``present: False`` where no collection is on disk."""
     if not Path(collection).exists():
         return {"collection": str(collection), "present": False}
+    from adainfer_lmeval.experiments.filled_continuation import read_filled
     from adainfer_lmeval.experiments.study_tasks import load_collection
 
     data = load_collection(Path(collection))
@@ -116,7 +146,15 @@ def check_against_study(collection: Path, sampled: list[str], doc_ids: list[str]
            "variants": {}}
     for row in rows:
         label = variant_of(row).label
-        expected = offline_exits(data, row)
+        answered = data
+        if row.get("readout") == "filled":  # the filled read-out of the same collection
+            answered = read_filled(data, Path(collection), row["from_layer"])
+            if answered is None:
+                out["variants"][label] = {"policy": row["policy"], "exits_equal": False,
+                                          "missing": "no current filled read-out of the collection from layer "
+                                                     f"{row['from_layer']}: run filled_continuation first"}
+                continue
+        expected = offline_exits(answered, row)
         ran = [r for r in bench_rows if r["variant"] == label]
         out["variants"][label] = {
             "policy": row["policy"],
