@@ -183,14 +183,16 @@ def test_the_clock_plot_reads_time_and_flops_saved_off_study_cell_runs(tmp_path)
 
     rows = [{"variant": "full", "batch": 1, "ideal_speedup": 1.0, "measured_speedup": 1.0},
             {"variant": "margin(margin=0.7,min_layer=17)", "batch": 1, "ideal_speedup": 1.25, "measured_speedup": 1.1},
-            {"variant": "margin(margin=0.7,min_layer=17)", "batch": 8, "ideal_speedup": 1.25, "measured_speedup": 1.25}]
+            {"variant": "margin(margin=0.7,min_layer=17)", "batch": 8, "ideal_speedup": 1.25, "measured_speedup": 1.25},
+            {"variant": "simlens(margin=0.2,carry=filled)", "batch": 1, "ideal_speedup": 1.2, "measured_speedup": 1.1}]
     run = {"results": [{"model": "m", "rows": rows, "study_cell": {
         "cell": "sst2@4", "doc_ids": ["sst2:1", "sst2:2"],
-        "rows": [{"variant": "margin(margin=0.7,min_layer=17)", "policy": "margin"}]}}]}
+        "rows": [{"variant": "margin(margin=0.7,min_layer=17)", "policy": "margin"},
+                 {"variant": "simlens(margin=0.2,carry=filled)", "policy": "simlens", "readout": "filled"}]}}]}
     path = tmp_path / "benchmark.json"
     path.write_text(json.dumps(run))
     points = clock_points([path])
-    assert [(p["policy"], p["batch"]) for p in points] == [("margin", 1), ("margin", 8)]  # full depth is no point
+    assert [(p["policy"], p["batch"]) for p in points] == [("margin", 1), ("margin", 8), ("simlens (filled)", 1)]  # full depth is no point
     assert points[0]["flops_saved"] == pytest.approx(20.0) and points[0]["time_saved"] == pytest.approx(100 / 11)
     assert points[1]["time_saved"] == pytest.approx(20.0) and points[0]["documents"] == 2
     out = tmp_path / "clock.png"

@@ -193,7 +193,7 @@ def run(a: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str])
             res["study_cell"] = {
                 "cell": a.study_cell, "setting": a.study_setting, "criterion": a.study_criterion,
                 "results_file": a.study_results, "batch_sizes": batch_sizes, "doc_ids": sorted(set(doc_ids), key=study_cell.document_order),
-                "rows": [{"variant": study_cell.variant_of(r).label, **{k: r[k] for k in (
+                "rows": [{"variant": study_cell.variant_of(r).label, "readout": r.get("readout", "study"), **{k: r[k] for k in (
                     "policy", "threshold", "min_layer", "layers_saved", "delta_points", "mean_exit_layer", "n_test")}}
                     for r in cell_rows[name]],
                 "check": study_cell.check_against_study(collection, sampled, doc_ids, cell_rows[name], res["rows"]),

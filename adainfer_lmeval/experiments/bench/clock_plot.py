@@ -41,7 +41,8 @@ def _points(results: list, path: Path) -> list[dict]:
         cell = res.get("study_cell")
         if not cell:
             continue
-        policies = {r["variant"]: r["policy"] for r in cell["rows"]}
+        # a rule at a filled read-out's point (--study_readouts filled) is another point than the study's
+        policies = {r["variant"]: r["policy"] + (" (filled)" if r.get("readout") == "filled" else "") for r in cell["rows"]}
         for row in res["rows"]:
             if row["variant"] not in policies or not row.get("measured_speedup"):
                 continue
