@@ -117,3 +117,42 @@ def test_an_svm_reading_the_continuation_margin_runs_online_as_trained(trained):
     backend_exits, correct = _backend(trained["model"], f"{trained['out'] / 'svm.json'},threshold={threshold!r},min_layer=15")
     assert backend_exits.tolist() == exits.tolist()
     assert correct.tolist() == (data.choice[np.arange(len(exits)), exits - 1] == data.gold).tolist()  # the lens answers
+
+
+FILLED_FROM = 20
+
+
+def test_a_simlens_file_trained_on_the_filled_read_out_runs_filled_and_exits_online_as_offline(trained, capsys):
+    """``--carry filled``: the filled read-out written beside the collection (from layer 20), the
+    point calibrated on its answers and carries, the file running as ``policy=simlens,carry=filled``
+    and, at a point that splits the documents, exiting and answering through lm-eval as offline."""
+    from adainfer_lmeval.experiments.filled_continuation import filled_path, read_filled
+
+    out = trained["out"] / "filled"
+    args = ["--model", trained["model"], "--features", str(trained["path"]), "--kinds", "simlens", "--carry", "filled",
+            "--carry-from-layer", str(FILLED_FROM), "--criterion", "agreement", "--tolerance", "0.5", "--no-study",
+            "--folds", "2", "--inner-folds", "2", "--out", str(out)]
+    assert tr.main(args) == 0
+    assert "collecting the filled read-out" in capsys.readouterr().out and filled_path(trained["path"]).exists()
+    meta = json.loads((out / "simlens.json").read_text())
+    assert meta["continuation_carry"] == "filled" and meta["training"]["continuation"]["from_layer"] == FILLED_FROM
+    policy = build_policy(str(out / "simlens.json"), {})
+    assert policy.continuation_carry == "filled" and policy.describe()["continuation_carry"] == "filled"
+    assert build_policy(str(trained["out"] / "simlens.json"), {}).continuation_carry == "simlens"  # older files as before
+
+    data = td.with_continuation_signals(read_filled(td.load_data(trained["path"]), trained["path"], FILLED_FROM))
+    data = data.subset(np.argsort([int(k.split(":")[-1]) for k in data.keys]))
+    scores = data.feats[:, : data.num_layers - 1, data.columns(["continuation_margin"])[0]]
+    readout = cal.Readout.carried(data, checks=True, answers=True)
+    carried = cal.calibrate(data, scores, 0.5, criterion="agreement", check_cost=cal.DEFAULT_CHECK_COST, max_threshold=1.0,
+                            readout=readout)
+    assert (carried["threshold"], carried["min_layer"]) == (meta["threshold"], meta["min_layer"])
+    threshold = float(np.quantile(data.continuation.margin[:, FILLED_FROM - 1], 0.5))
+    exits = cal.exit_layers(data.continuation.margin[:, : data.num_layers - 1], threshold, FILLED_FROM)
+    assert 1 < len(set(exits.tolist())), "the point should split the documents"
+    backend_exits, correct = _backend(trained["model"], f"{out / 'simlens.json'},threshold={threshold!r},min_layer={FILLED_FROM}")
+    assert backend_exits.tolist() == exits.tolist()
+    assert correct.tolist() == (readout.outcome(exits, FILLED_FROM).answers == data.gold).tolist()
+    # the classifiers read SimLens's continuation: --carry filled is refused for them in one line
+    assert tr.main(args[:4] + ["--kinds", "svm", "--use-features", "gap,continuation_margin"] + args[6:]) == 2
+    assert "--carry filled is for --kinds simlens" in capsys.readouterr().err

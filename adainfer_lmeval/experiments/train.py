@@ -15,7 +15,9 @@ continuation). ``margin`` and ``simlens`` fit nothing: their files hold the oper
 the ``policy=margin`` / ``policy=simlens`` rule; ``simlens`` is calibrated on the answers it
 gives, the continuation's, with its carries counted. Kinds or features that need the
 continuation read it from beside the collection (:mod:`.collect_continuation`), collecting it
-first where it is missing or stale.
+first where it is missing or stale. ``--carry filled`` calibrates ``simlens`` on the filled
+read-out instead (:mod:`.filled_continuation`, carries from ``--carry-from-layer`` up, written
+beside the collection first where it is missing), and its file runs with ``carry=filled``.
 
 Operating point (:mod:`adainfer_lmeval.experiments.calibration`): a policy stops at the first
 layer l >= ``min_layer`` whose score (SVM decision value; CRF marginal P(stop at l | layers
@@ -39,6 +41,7 @@ import sys
 import time
 from pathlib import Path
 
+from adainfer_lmeval.core.exit_policy import CONTINUATION_CARRIES
 from adainfer_lmeval.core.features import FEATURE_NAMES
 from adainfer_lmeval.errors import AdaInferError
 from adainfer_lmeval.experiments.calibration import CRITERIA, DEFAULT_CHECK_COST, best_static_layer
@@ -106,18 +109,28 @@ def write_policy(out_dir: Path, kind: str, meta: dict, params: LearnedKind) -> l
 # ---- the command -----------------------------------------------------------------------------
 
 
-def _with_continuation(data: Data, collection: Path, model: str) -> Data:
-    """``data`` with the SimLens continuation read-out of ``collection`` and its signal, collecting
-    the read-out first (with ``model``) where it is missing or stale."""
+def _with_continuation(data: Data, collection: Path, model: str, carry: str = "simlens", from_layer: int = 1) -> Data:
+    """``data`` with the continuation read-out of ``collection`` (SimLens's, or with ``carry``
+    "filled" the filled one from ``from_layer``) and its signal, collecting the read-out first
+    (with ``model``) where it is missing or stale."""
+    from adainfer_lmeval.adapter.backend import AdaInferLM
     from adainfer_lmeval.experiments.collect_continuation import collect_continuation, continuation_is_current, continuation_path
+    from adainfer_lmeval.experiments.filled_continuation import read_filled, write_filled
     from adainfer_lmeval.experiments.training_data import with_continuation, with_continuation_signals
 
-    if not continuation_is_current(continuation_path(collection), data.meta):
-        from adainfer_lmeval.adapter.backend import AdaInferLM
+    def backend():
+        return AdaInferLM(pretrained=model, policy="full", batch_size=1, device="cpu")
 
+    if carry == "filled":
+        filled = read_filled(data, collection, from_layer)
+        if filled is None:
+            print(f"collecting the filled read-out of {collection} from layer {from_layer} ...", flush=True)
+            write_filled(backend(), collection, from_layer, [None], log=lambda m: print(m, flush=True))
+            filled = read_filled(data, collection, from_layer)
+        return with_continuation_signals(filled)
+    if not continuation_is_current(continuation_path(collection), data.meta):
         print(f"collecting the continuation read-out of {collection} ...", flush=True)
-        written = collect_continuation(AdaInferLM(pretrained=model, policy="full", batch_size=1, device="cpu"), collection,
-                                       quiet=False)
+        written = collect_continuation(backend(), collection, quiet=False)
         print(f"  {written['docs']} documents in {written['seconds']:.0f}s -> {continuation_path(collection)}")
     return with_continuation_signals(with_continuation(data, collection))
 
@@ -167,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inner-folds", type=int, default=4, help="folds for the held-out calibration scores")
     parser.add_argument("--kinds", default="svm,crf",
                         help="of svm, crf, margin, simlens (margin/simlens: the rule's operating point)")
+    parser.add_argument("--carry", choices=CONTINUATION_CARRIES, default="simlens",
+                        help="the continuation simlens is calibrated on and runs with: simlens, or filled (the carried "
+                             "positions attending to the whole prompt; only --kinds simlens)")
+    parser.add_argument("--carry-from-layer", type=int, default=1,
+                        help="with --carry filled: the first layer a filled carry starts from (no exit below it)")
     parser.add_argument("--no-study", action="store_true", help="skip the label-mode study")
     parser.add_argument("--threads", type=int, help="torch threads while collecting (1 is faster on a shared machine)")
     parser.add_argument("--out", type=Path, help="folder for the policy files (default: policies/<model>)")
@@ -193,8 +211,12 @@ def main(argv: list[str] | None = None) -> int:
         use = [f for f in args.use_features.split(",") if f]
         kinds = [k for k in args.kinds.split(",") if k]
         reads = {kind: use if learned_kind(kind).fits_parameters else list(learned_kind(kind).policy.features) for kind in kinds}
+        if args.carry != "simlens" and any(learned_kind(kind).fits_parameters and set(reads[kind]) & set(CONTINUATION_SIGNALS)
+                                           for kind in kinds):
+            raise AdaInferError(f"--carry {args.carry} is for --kinds simlens; the classifiers read the SimLens continuation: "
+                                "drop continuation_margin from --use-features or train them without --carry")
         if any(name in CONTINUATION_SIGNALS for kind_reads in reads.values() for name in kind_reads):
-            data = _with_continuation(data, features_path, args.model)
+            data = _with_continuation(data, features_path, args.model, args.carry, args.carry_from_layer)
         cols = data.columns(use)
         L = data.num_layers
         model_name = data.meta["model"]["name"]
@@ -240,6 +262,14 @@ def main(argv: list[str] | None = None) -> int:
             params, point = fit_policy(data, y, kind, kind_cols, args.tolerance, args.inner_folds, args.seed,
                                        readout=readout, **choose)
             meta = policy_meta(kind, data, params, point, reads[kind], label, cv, training)
+            if args.carry != "simlens" and kind == "simlens":  # the file runs as policy=simlens,carry=filled
+                from adainfer_lmeval.experiments.filled_continuation import filled_path
+
+                read_out = filled_path(features_path)
+                meta["continuation_carry"] = args.carry
+                meta["training"] = {**training, "continuation": {
+                    "carry": args.carry, "from_layer": args.carry_from_layer, "file": read_out.name,
+                    "file_sha256": hashlib.sha256(read_out.read_bytes()).hexdigest()}}
             paths = write_policy(out_dir, kind, meta, params)
             print(f"{kind}: validation (cross-validated, {cv['n_docs']} examples): full {_pct(cv['full_acc'])}%  "
                   f"{kind} {_pct(cv['policy_acc'])}%  mean exit {cv['mean_exit_layer']:.2f}/{L}  "

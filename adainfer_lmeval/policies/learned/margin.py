@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from adainfer_lmeval.core.exit_policy import CONTINUATION_CARRIES
 from adainfer_lmeval.errors import AdaInferError
 from adainfer_lmeval.policies import files as pf
 from adainfer_lmeval.policies.learned.base import LearnedKind, LearnedPolicy, read_policy, register_kind
@@ -32,8 +33,13 @@ class RuleFile:
     def __init__(self, path: str, threshold: float | None = None, min_layer: int | None = None):
         _, meta = read_policy(path)  # reached through policy=file, which found this kind in it
         super().__init__(margin=meta["threshold"] if threshold is None else threshold,
-                         min_layer=meta["min_layer"] if min_layer is None else min_layer)
+                         min_layer=meta["min_layer"] if min_layer is None else min_layer, **self.rule_args(meta))
         self.meta, self.source = meta, str(path)
+
+    @staticmethod
+    def rule_args(meta: dict) -> dict:
+        """The rule's arguments the file holds besides its operating point."""
+        return {}
 
     def bind(self, model) -> None:
         pf.check_fits(self.meta, model, self.source)
@@ -55,6 +61,12 @@ class SimLensFile(RuleFile, ContinuationMargin):
     """A ``kind: simlens`` policy file as the ``policy=simlens`` rule at the file's operating point."""
 
     file_kind = "simlens"
+
+    @staticmethod
+    def rule_args(meta: dict) -> dict:
+        # files trained on the filled read-out (train --carry filled) run with carry=filled;
+        # older files have no such field and carry as SimLens
+        return {"carry": meta.get("continuation_carry", "simlens")}
 
 
 @register_kind("margin", policy=MarginFile)
@@ -94,3 +106,9 @@ class SimLensKind(MarginKind):
     """The option margin read off the SimLens continuation as its own score; the answer is read there too."""
 
     score_meaning = "answer-option margin at the continuation's last layer (top minus second option probability)"
+
+    @classmethod
+    def check_dict(cls, path: Path, meta: dict) -> None:
+        super().check_dict(path, meta)
+        if meta.get("continuation_carry", "simlens") not in CONTINUATION_CARRIES:
+            raise AdaInferError(f"{path}: corrupt policy file (\"continuation_carry\" is one of {', '.join(CONTINUATION_CARRIES)})")
