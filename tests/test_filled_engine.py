@@ -15,12 +15,13 @@ import torch
 
 from adainfer_lmeval.adapter import request_encoding
 from adainfer_lmeval.core.architectures import DecoderStack
-from adainfer_lmeval.core.engine import EarlyExitEngine, ExitBatch
+from adainfer_lmeval.core.engine import EarlyExitEngine
 from adainfer_lmeval.errors import AdaInferError
 from adainfer_lmeval.policies import build_policy
 
 from conftest import ARCHITECTURES
-from test_signals import LAYERS, OPTIONS, Recorder, _batch, _group_index, _pairs
+from test_signals import LAYERS, OPTIONS, Recorder, _batch, _group_index
+from test_simlens import assert_batch_independent
 
 
 def _held(stack, tokens: list[int], layer: int, decision: int) -> torch.Tensor:
@@ -128,23 +129,8 @@ def test_filled_results_and_counts_do_not_depend_on_the_batch(tiny_models, arch)
     margins = torch.stack([recorder.seen[layer][:, 0] for layer in range(1, LAYERS)], -1)
     best = sorted(float(m.max()) for m in margins if not m.isnan().all())
     tau = (best[len(best) // 2 - 1] + best[len(best) // 2]) / 2  # between two groups: a mixed batch
-    engine = EarlyExitEngine(model, build_policy("simlens", {"margin": tau, "carry": "filled"}))
-    together = engine.run(batch)
-    assert len(set(together.exit_layers)) > 1
-    fields = ("exit_layers", "checks", "check_token_layers", "check_carried_tokens", "check_prompt_tokens",
-              "exit_token_layers", "exit_carried_tokens", "exit_prompt_tokens")
-    _, keys = _pairs(model.config.vocab_size, seed=6)
-    offset = 0
-    for alone in request_encoding.encode(pairs, max_length=64, keys=keys).batches(rows_per_batch=1):
-        out = engine.run(ExitBatch.from_rows(alone.tokens, alone.decisions, alone.row_groups,
-                                             options=alone.option_tokens, margin_offsets=alone.margin_offsets))
-        rows = slice(offset, offset + len(alone.rows))
-        for name in fields:
-            assert getattr(out, name) == getattr(together, name)[rows], name
-        for mine, theirs in zip(out.logits, together.logits[rows]):
-            torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
-        offset += len(alone.rows)
-    assert offset == len(engine_batch.rows)
+    assert_batch_independent(EarlyExitEngine(model, build_policy("simlens", {"margin": tau, "carry": "filled"})), batch,
+                             engine_batch, pairs, model.config.vocab_size, seed=6)
 
 
 def test_carry_is_described_and_checked_in_one_line():

@@ -203,13 +203,19 @@ def test_results_and_counts_do_not_depend_on_the_batch(tiny_models):
     margins = torch.stack([recorder.seen[layer][:, 0] for layer in range(1, LAYERS)], -1)  # [groups, layers]
     best = sorted(float(m.max()) for m in margins if not m.isnan().all())
     tau = (best[len(best) // 2 - 1] + best[len(best) // 2]) / 2  # between two groups: a mixed batch
-    engine = EarlyExitEngine(model, build_policy("simlens", {"margin": tau}))
+    assert_batch_independent(EarlyExitEngine(model, build_policy("simlens", {"margin": tau})), batch, engine_batch, pairs,
+                             model.config.vocab_size, seed=6)
+
+
+def assert_batch_independent(engine, batch, engine_batch, pairs, vocab: int, seed: int) -> None:
+    """``engine`` gives each group alone (one group per batch) what it gives it in ``batch`` (of
+    ``_batch(vocab, seed)``): every count of the result and the logits; the batch mixes exit layers."""
     together = engine.run(batch)
     assert len(set(together.exit_layers)) > 1
     fields = ("exit_layers", "checks", "check_rows", "vocab_free_checks", "check_token_layers", "check_carried_tokens",
-              "exit_token_layers", "exit_carried_tokens")
+              "check_prompt_tokens", "exit_token_layers", "exit_carried_tokens", "exit_prompt_tokens")
     offset = 0
-    _, keys = _pairs(model.config.vocab_size, seed=6)
+    _, keys = _pairs(vocab, seed=seed)
     encoded = request_encoding.encode(pairs, max_length=64, keys=keys)
     for alone in encoded.batches(rows_per_batch=1):  # one group per batch
         out = engine.run(ExitBatch.from_rows(alone.tokens, alone.decisions, alone.row_groups,

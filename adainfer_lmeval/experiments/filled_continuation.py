@@ -12,8 +12,10 @@ only the prompt's upper-layer states are approximated, none are left out.
 A cheaper variant, ``--last-layers K``: a carry from layer l skips to the model's last K layers
 (``<collection>-last<K>.parquet``; the carry costs K layers, not L - l).
 
-Not in the engine, the policies or the study yet. This module computes the read-out for a study
-collection (offline, one row at a time), writes it in the continuation file's columns
+The engine runs it as ``carry=filled`` (``policy=simlens,carry=filled``, ``readout=continuation``
+rules; tests/test_filled_engine.py checks it against :func:`trace_filled` on real data) and
+``train --carry filled`` calibrates on it; the study's one command does not read it yet. This
+module computes the read-out for a collection (offline, one row at a time), writes it in the continuation file's columns
 (``<collection>-filled.parquet`` beside it) and calibrates the study's three SimLens rules on the
 training documents with either read-out, scored on the test documents, both restricted to exits at
 layers >= ``--from-layer`` (the filled carries start there). Costs in layer equivalents, counted as
