@@ -12,10 +12,11 @@ Where the study's collection of the cell is on disk, the benchmark checks itself
 the documents it built must be the collection's, and every request's exit layer must equal the
 offline exit of its document at the same point (:func:`offline_exits`).
 
-``--study_readout filled`` times the SimLens rules with the filled continuation instead
-(``carry=filled``), at the points :mod:`adainfer_lmeval.experiments.filled_continuation` calibrated
-(its ``--json`` file, passed as ``--study_results``: :func:`readout_points`), and checks the exits
-against that read-out of the collection (``<cell>-test-filled.parquet`` beside it).
+``--study_readouts simlens,filled`` times the SimLens rules at the points
+:mod:`adainfer_lmeval.experiments.filled_continuation` calibrated for each read-out (its ``--json``
+file, passed as ``--study_results``: :func:`readout_points`), the filled ones with
+``carry=filled``, and checks each exit against that read-out of the collection (the filled one:
+``<cell>-test-filled.parquet`` beside it).
 """
 
 from __future__ import annotations
