@@ -4,6 +4,8 @@ L-1, the full forward itself."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -173,3 +175,54 @@ def test_rows_of_different_prompts_spans_and_start_layers_carry_in_one_batch_as_
                 torch.testing.assert_close(batched[b, : last - first + 1], alone[0], atol=1e-5, rtol=1e-5)
             # from layer L-1 the carry is full depth itself
             torch.testing.assert_close(batched[1, :2], states[-1][0, 3:5], atol=1e-5, rtol=1e-5)
+
+
+def test_an_interrupted_read_out_resumes_where_it_stopped_and_gives_what_one_run_gives(tiny_model_dirs, tmp_path, monkeypatch):
+    """write_filled keeps each document's read-out as it goes: killed after three documents, a
+    re-run reads those back (a torn last line is read out again), traces only the rest, writes the
+    files an uninterrupted run writes, and removes what it resumed from."""
+    import pyarrow.parquet as pq
+
+    from adainfer_lmeval.adapter.backend import AdaInferLM
+    from adainfer_lmeval.experiments import filled_continuation as fc
+    from adainfer_lmeval.experiments.collect import collect
+
+    folder = str(tiny_model_dirs["llama"])
+    lm = AdaInferLM(pretrained=folder, policy="full", batch_size=1, device="cpu")
+    once, resumed = tmp_path / "once" / "c.parquet", tmp_path / "resumed" / "c.parquet"
+    for path in (once, resumed):
+        path.parent.mkdir()
+        collect(folder, ["sst2"], [0], 6, path, seed=0, quiet=True)
+    fc.write_filled(lm, once, 2, [None, 1], log=lambda _: None)
+
+    real, traced = fc.trace_filled, []
+
+    def dies_after_three(*args):
+        if len(traced) == 3:
+            raise KeyboardInterrupt
+        traced.append(args[1].doc_id)
+        return real(*args)
+
+    monkeypatch.setattr(fc, "trace_filled", dies_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        fc.write_filled(lm, resumed, 2, [None, 1], log=lambda _: None)
+    log = resumed.with_name("c-filled.resume.jsonl")
+    assert len(log.read_text().splitlines()) == 3 and not fc.filled_path(resumed).exists()
+    log.write_text(log.read_text()[:-40])  # the last line torn, as by a kill mid-write
+    traced.clear()
+    monkeypatch.setattr(fc, "trace_filled", lambda *args: traced.append(args[1].doc_id) or real(*args))
+    messages = []
+    fc.write_filled(lm, resumed, 2, [None, 1], log=messages.append)
+    assert len(traced) == 6 - 2 and "(2 read back from c-filled.resume.jsonl)" in messages[-1]
+    # records appended after a torn line start on a line of their own
+    torn = tmp_path / "torn.jsonl"
+    torn.write_text('{"key": "a", "re')
+    resume = fc.ResumeLog(torn, ["run"], 4)
+    example = type("E", (), {"task": "t", "doc_id": 0, "num_fewshot": 0, "rows": [[1], [2]]})()
+    table = [[0.5, 0.25]] * 4
+    resume.append(example, [None], {None: (table, table)})
+    assert fc.ResumeLog(torn, ["run"], 4).get(example, [None]) == {None: (table, table)}
+    for k in (None, 1):
+        mine, theirs = pq.read_table(fc.filled_path(resumed, k)).to_pydict(), pq.read_table(fc.filled_path(once, k)).to_pydict()
+        assert json.dumps(mine) == json.dumps(theirs)
+    assert not log.exists()

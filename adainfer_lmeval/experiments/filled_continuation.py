@@ -27,7 +27,8 @@ fill) and each carried token's attention over the prompt.
     python -m adainfer_lmeval.experiments.filled_continuation --model smollm2-135m --task sst2@0 --from-layer 15 \
         --last-layers 1,2,all --json reports/study/readouts/smollm2_sst2@0.json
 
-(``--json``: the tables as a file, which :mod:`.readout_plot` draws.)
+(``--json``: the tables as a file, which :mod:`.readout_plot` draws.) A read-out keeps each document
+as it goes (``<collection>-filled.resume.jsonl``, :class:`ResumeLog`): an interrupted run resumes.
 """
 
 from __future__ import annotations
@@ -138,10 +139,17 @@ def write_filled(lm, collection: Path, from_layer: int, kinds: list[int | None],
     started = time.time()
     reads = []
     names = ", ".join(readout_name(k) for k in kinds)
+    resume = ResumeLog(filled_path(collection, kinds[0]).with_suffix(".resume.jsonl"),
+                       [meta.get("data_sha256"), from_layer, kinds], stack.num_layers)
     for i, example in enumerate(examples, 1):
-        reads.append(trace_filled(stack, example, from_layer, kinds))
+        read = resume.get(example, kinds)
+        if read is None:
+            read = trace_filled(stack, example, from_layer, kinds)
+            resume.append(example, kinds, read)
+        reads.append(read)
         if i % 20 == 0 or i == len(examples):
-            log(f"  {names} {collection.name}: {i}/{len(examples)} docs in {time.time() - started:.0f}s")
+            log(f"  {names} {collection.name}: {i}/{len(examples)} docs in {time.time() - started:.0f}s"
+                + (f" ({resume.restored} read back from {resume.path.name})" if resume.restored else ""))
     costs = [filled_tokens(e, kv_share, attention_share) for e in examples]
     paths = []
     for k in kinds:
@@ -156,7 +164,54 @@ def write_filled(lm, collection: Path, from_layer: int, kinds: list[int | None],
         pq.write_table(table.replace_schema_metadata({b"adainfer": json.dumps(written).encode()}), partial)
         partial.replace(path)
         paths.append(path)
+    resume.path.unlink(missing_ok=True)  # every file is written: nothing left to resume
     return paths
+
+
+class ResumeLog:
+    """The documents a :func:`write_filled` run has read out, one JSON line each, so that an
+    interrupted run (a read-out is ~8 s a document for Qwen-0.5B here) resumes where it stopped.
+    A line is keyed by the collection's data hash, the start layer, the read-outs and the
+    document; a torn or foreign line, or one whose shapes do not fit, is read out again."""
+
+    def __init__(self, path: Path, run: list, num_layers: int):
+        self.path, self.run, self.num_layers, self.restored = path, run, num_layers, 0
+        self.lines: dict[str, list] = {}
+        # a line torn by a kill has no newline: the next record starts on a line of its own
+        self.torn = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+        if path.exists():
+            with open(path, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                        self.lines[str(record["key"])] = record["read"]
+                    except (ValueError, KeyError, TypeError):
+                        continue
+
+    def key(self, example) -> str:
+        import hashlib
+
+        return hashlib.sha256(json.dumps([self.run, example.task, example.doc_id, example.num_fewshot]).encode()).hexdigest()
+
+    def get(self, example, kinds: list) -> dict | None:
+        read = self.lines.get(self.key(example))
+        shape = (self.num_layers, len(example.rows))
+        fits = (isinstance(read, list) and len(read) == len(kinds)
+                and all(isinstance(pair, list) and len(pair) == 2 and all(_table(t, *shape) for t in pair) for pair in read))
+        if not fits:
+            return None
+        self.restored += 1
+        return {k: tuple(pair) for k, pair in zip(kinds, read)}
+
+    def append(self, example, kinds: list, read: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(("\n" if self.torn else "") + json.dumps({"key": self.key(example), "read": [list(read[k]) for k in kinds]}) + "\n")
+        self.torn = False
+
+
+def _table(value, rows: int, cols: int) -> bool:
+    return (isinstance(value, list) and len(value) == rows
+            and all(isinstance(r, list) and len(r) == cols and all(isinstance(x, (int, float)) for x in r) for r in value))
 
 
 def read_filled(data, collection: Path, from_layer: int, last_layers: int | None = None):
