@@ -42,13 +42,8 @@ class Continuation:
     tokens: list[int]  # per row: its carried tokens (padding not counted)
     layers_run: int  # the remaining layers every row was carried through
     # per row: the prompt tokens its carried ones attend to, their keys and values projected at
-    # every layer run (filled); None: none (SimLens carries attend to each other only)
-    prompt_tokens: list[int] | None = None
-
-    @property
-    def attended_prompt(self) -> list[int]:
-        """Per row: the prompt tokens filled at every layer run (0 for SimLens)."""
-        return self.prompt_tokens if self.prompt_tokens is not None else [0] * len(self.tokens)
+    # every layer run (filled); 0 for SimLens, whose carries attend to each other only
+    prompt_tokens: list[int]
 
     @property
     def token_layers(self) -> list[int]:
@@ -92,7 +87,7 @@ def carry(stack, layer: int, hidden: torch.Tensor, first: list[int], last: list[
         rows = torch.arange(len(padded), device=hidden.device)
     states = stack.continue_from(layer, hidden[rows[:, None], index], index)
     offsets = torch.tensor(offsets, dtype=torch.long, device=hidden.device)
-    return Continuation(states, offsets, tokens, stack.num_layers - layer)
+    return Continuation(states, offsets, tokens, stack.num_layers - layer, [0] * len(tokens))
 
 
 def continue_rows(stack, kind: str, layer: int, hidden: torch.Tensor, first: list[int], last: list[int],
@@ -103,14 +98,13 @@ def continue_rows(stack, kind: str, layer: int, hidden: torch.Tensor, first: lis
     :class:`Continuation`."""
     if kind == "simlens":
         return carry(stack, layer, hidden, first, last, rows=rows)
-    states = fill_carry(stack, hidden[rows], [layer] * len(first), first, last)
+    states = fill_carry(stack, hidden, [layer] * len(first), first, last, rows=rows)
     offsets = torch.zeros(len(first), dtype=torch.long, device=hidden.device)  # the span starts at ``first``
-    return Continuation(states, offsets, [hi - lo + 1 for lo, hi in zip(first, last)], stack.num_layers - layer,
-                        prompt_tokens=list(first))
+    return Continuation(states, offsets, [hi - lo + 1 for lo, hi in zip(first, last)], stack.num_layers - layer, list(first))
 
 
 def fill_carry(stack, states: torch.Tensor, layers: list[int], first: list[int], last: list[int],
-               last_layers: int | None = None) -> torch.Tensor:
+               last_layers: int | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
     """The *filled* continuation: each row's positions ``first[i]..last[i]`` carried from layer
     ``layers[i]`` through the remaining layers while attending to the row's whole prompt (positions
     before ``first[i]``), whose keys and values at every layer run are projected from its layer-l
@@ -120,7 +114,8 @@ def fill_carry(stack, states: torch.Tensor, layers: list[int], first: list[int],
     leaves it out).
 
     ``states`` [rows, T, d]: each row's states at its own layer ``layers[i]`` (right-padded rows,
-    positions = indices). ``last_layers`` = K: a carry from l < L - K skips layers l+1..L-K and runs
+    positions = indices); ``rows``: the rows of ``states`` to carry (default all; only their prompts
+    and spans are gathered, not whole rows). ``last_layers`` = K: a carry from l < L - K skips layers l+1..L-K and runs
     only the model's last K layers on the layer-l states; None runs every remaining one.
 
     Returns the carried positions' last-layer states [rows, W, d] (W the widest span; a shorter row
@@ -131,7 +126,7 @@ def fill_carry(stack, states: torch.Tensor, layers: list[int], first: list[int],
     layer's weights are read once for the batch.
     """
     device, L = states.device, stack.num_layers
-    rows = len(layers)
+    batch = len(layers)
     prompt_width = max(first)
     pad = torch.tensor([prompt_width - f for f in first], device=device)[:, None]  # empty slots before row i's prompt
     slots = torch.arange(prompt_width, device=device)[None, :]
@@ -140,17 +135,27 @@ def fill_carry(stack, states: torch.Tensor, layers: list[int], first: list[int],
     spans = [list(range(lo, hi + 1)) for lo, hi in zip(first, last)]
     width = max(len(span) for span in spans)
     carried_at = torch.tensor([span + [span[-1]] * (width - len(span)) for span in spans], dtype=torch.long, device=device)
-    index = torch.arange(rows, device=device)[:, None]
+    index = (torch.arange(batch, device=device) if rows is None else rows)[:, None]
     prompt = states[index, prompt_positions]  # the prompt held at each row's start layer
     carried = states[index, carried_at].clone()
     valid = torch.cat([prompt_valid, torch.ones_like(carried_at, dtype=torch.bool)], 1)
-    cache = RowCache(L, rows, valid.shape[1])
+    cache = RowCache(L, batch, valid.shape[1])
     runs_from = [layer if last_layers is None else max(layer, L - last_layers) for layer in layers]
+    running = None
     for layer_index in range(min(runs_from), L):  # computes layer layer_index + 1
-        active = torch.tensor([b for b, start in enumerate(runs_from) if start <= layer_index], device=device)
+        joined = [b for b, start in enumerate(runs_from) if start <= layer_index]
+        if joined != running:  # masks and positions change only when rows join (the engine's all start at once)
+            running = joined
+            active = None if len(joined) == batch else torch.tensor(joined, device=device)
+            pick = (lambda t: t) if active is None else (lambda t: t[active])  # noqa: E731
+            if prompt_width > 0:
+                prompt_inputs = stack.cached_layer_inputs(pick(prompt), pick(prompt_positions), 0, pick(prompt_valid))
+            carried_inputs = stack.cached_layer_inputs(pick(carried), pick(carried_at), prompt_width, pick(valid))
         if prompt_width > 0:
-            inputs = stack.cached_layer_inputs(prompt[active], prompt_positions[active], 0, prompt_valid[active])
-            stack.fill_kv(layer_index, prompt[active], inputs, cache.at(0, active))
-        inputs = stack.cached_layer_inputs(carried[active], carried_at[active], prompt_width, valid[active])
-        carried[active] = stack.run_layer(layer_index, carried[active], inputs, cache.at(prompt_width, active))
+            stack.fill_kv(layer_index, pick(prompt), prompt_inputs, cache.at(0, active))
+        out = stack.run_layer(layer_index, pick(carried), carried_inputs, cache.at(prompt_width, active))
+        if active is None:
+            carried = out
+        else:
+            carried[active] = out
     return carried

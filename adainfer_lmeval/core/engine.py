@@ -300,7 +300,7 @@ class EarlyExitEngine:
                 scored[r] = states.span(k, spans[r][1] - spans[r][0])
                 token_layers[r] = states.token_layers[k]
                 carried_tokens[r] = states.tokens[k]
-                prompt_tokens[r] = states.attended_prompt[k]
+                prompt_tokens[r] = states.prompt_tokens[k]
         for r in rows:
             exit_layers[r] = layer
             if r in reused:

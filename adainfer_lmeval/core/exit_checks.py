@@ -195,7 +195,7 @@ class ExitChecks:
         speakers.states = carried.at(steps)
         speakers.token_layers = carried.token_layers
         speakers.tokens = carried.tokens
-        speakers.prompt_tokens = carried.attended_prompt
+        speakers.prompt_tokens = carried.prompt_tokens
         tokens, valid = self.options.tokens[slots], self.options.valid[slots]
         with stage("check_head", len(last)):
             inputs.continuation_option_logits = self.stack.exit_logits_over(speakers.states, tokens)
